@@ -1,0 +1,52 @@
+"""cellvi: amortized variational inference for single-cell and cytometry data.
+
+The public namespaces are imported lazily so that ``import cellvi`` stays fast and does not
+pull in scanpy, pyro or umap:
+
+- :mod:`cellvi.tl` -- scanpy-style entry points (``cellvi.tl.nbvae``)
+- :mod:`cellvi.models` -- model classes (``cellvi.models.NBVAE``)
+- :mod:`cellvi.datasets` -- data registry and simulators
+- :mod:`cellvi.metrics` -- clustering and batch-mixing metrics
+- :mod:`cellvi.distributions`, :mod:`cellvi.nn`, :mod:`cellvi.priors`,
+  :mod:`cellvi.objectives`, :mod:`cellvi.train` -- the tensor-level VAE core
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "data",
+    "datasets",
+    "distributions",
+    "metrics",
+    "models",
+    "nn",
+    "objectives",
+    "priors",
+    "settings",
+    "tl",
+    "train",
+)
+
+logging.getLogger("cellvi").addHandler(logging.NullHandler())
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        mod = importlib.import_module(f".{name if name != 'settings' else '_settings'}", __name__)
+        if name == "settings":
+            mod = mod.settings
+        globals()[name] = mod
+        return mod
+    raise AttributeError(f"module 'cellvi' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_SUBMODULES])
+
+
+__all__ = ["__version__", *_SUBMODULES]

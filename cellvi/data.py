@@ -1,0 +1,246 @@
+"""AnnData -> arrays, with validation. The only place (besides ``cellvi.tl``) that reads AnnData.
+
+Every check here raises an error that says what is wrong and what to do about it. Nothing
+here writes to the AnnData it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+logger = logging.getLogger("cellvi")
+
+__all__ = ["CountData", "get_matrix", "check_finite", "check_counts", "encode_covariates",
+           "prepare_counts", "check_writable", "as_batch_keys"]
+
+
+@dataclass
+class CountData:
+    """Arrays a count model needs (no AnnData inside).
+
+    Attributes:
+        X: counts, ``float32`` CSR or dense, cells x genes.
+        covs: ``int64`` codes, cells x keys, or ``None``.
+        batch_keys: the obs keys behind ``covs``.
+        categories: the categories of each key, in code order.
+        log_library: ``log`` of the total counts per cell, shape ``(n_obs, 1)``.
+        var_names: gene names.
+    """
+
+    X: np.ndarray | sp.csr_matrix
+    covs: np.ndarray | None
+    batch_keys: list[str]
+    categories: dict[str, list[str]]
+    log_library: np.ndarray
+    var_names: list[str]
+
+
+def as_batch_keys(batch_key: str | Sequence[str] | None) -> list[str]:
+    if batch_key is None:
+        return []
+    if isinstance(batch_key, str):
+        return [batch_key]
+    return list(batch_key)
+
+
+def get_matrix(adata: AnnData, layer: str | None = None):
+    """The matrix in ``layer`` (or ``X``), after checking it can be read."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"expected an AnnData object, got {type(adata).__name__}")
+    if adata.isbacked:
+        raise ValueError(
+            "this AnnData is backed on disk (opened with backed='r'); load it into memory "
+            "first with adata = adata.to_memory()"
+        )
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"AnnData is empty ({adata.n_obs} cells x {adata.n_vars} features)")
+    if layer is None:
+        if adata.X is None:
+            raise ValueError(
+                "adata.X is None. Pass layer='<name>' with the raw counts "
+                f"(layers here: {list(adata.layers.keys()) or 'none'})"
+            )
+        return adata.X
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} is not in adata.layers (available: "
+            f"{list(adata.layers.keys()) or 'none'}); use layer=None to read adata.X"
+        )
+    return adata.layers[layer]
+
+
+def _values(X) -> np.ndarray:
+    """The stored values (non-zeros of a sparse matrix, all entries of a dense one)."""
+    if sp.issparse(X):
+        return np.asarray(X.data)
+    return np.asarray(X).ravel()
+
+
+def check_finite(X, where: str) -> None:
+    vals = _values(X)
+    if not np.issubdtype(vals.dtype, np.number):
+        raise TypeError(f"{where} holds non-numeric values ({vals.dtype})")
+    bad = ~np.isfinite(vals)
+    if bad.any():
+        raise ValueError(
+            f"{where} contains {int(bad.sum())} NaN or infinite values; remove or impute "
+            "them before fitting"
+        )
+
+
+def check_counts(X, where: str, layer: str | None) -> None:
+    """Non-negative integers, no empty cells (error); empty genes (warning)."""
+    vals = _values(X)
+    if (vals < 0).any():
+        raise ValueError(
+            f"{where} has negative values ({int((vals < 0).sum())}), but a count likelihood "
+            "needs raw counts. If the raw counts are in a layer, pass layer='counts' (or its "
+            "name); otherwise use likelihood='normal' models for continuous data."
+        )
+    frac = vals != np.round(vals)
+    if frac.any():
+        hint = " the data look log-normalized (sc.pp.log1p)" if vals.max() < 20 else ""
+        raise ValueError(
+            f"{where} has {int(frac.sum())} non-integer values:{hint or ' not raw counts'}. "
+            "A count likelihood needs raw integer counts: pass layer='counts' (keep raw counts "
+            "with adata.layers['counts'] = adata.X.copy() before normalizing)."
+        )
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    empty = int((totals == 0).sum())
+    if empty:
+        raise ValueError(
+            f"{empty} cells have zero total counts in {where}; remove them first, e.g. "
+            "sc.pp.filter_cells(adata, min_counts=1)"
+        )
+    gene_totals = np.asarray(X.sum(axis=0)).ravel()
+    n_empty_genes = int((gene_totals == 0).sum())
+    if n_empty_genes:
+        warnings.warn(
+            f"{n_empty_genes} genes have zero counts in every cell; they carry no information "
+            "(sc.pp.filter_genes(adata, min_cells=1) removes them)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def encode_covariates(
+    adata: AnnData,
+    batch_keys: list[str],
+    categories: dict[str, list[str]] | None = None,
+    *,
+    min_cells: int = 2,
+) -> tuple[np.ndarray | None, dict[str, list[str]]]:
+    """Integer codes of categorical obs columns.
+
+    With ``categories`` given (a trained model's), cells must fall into known categories.
+    """
+    if not batch_keys:
+        return None, {}
+    codes, cats_out = [], {}
+    for key in batch_keys:
+        if key not in adata.obs.columns:
+            raise KeyError(
+                f"batch key {key!r} is not a column of adata.obs (columns: "
+                f"{list(adata.obs.columns)[:20]})"
+            )
+        col = adata.obs[key]
+        if col.isna().any():
+            raise ValueError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values; fill or drop them")
+        values = col.astype(str).to_numpy()
+        if categories is None:
+            counts = pd.Series(values).value_counts()
+            cats = sorted(counts.index.tolist(), key=_natural_key)
+            small = counts[counts < min_cells]
+            if len(small):
+                raise ValueError(
+                    f"batch category {', '.join(map(repr, small.index[:5]))} of adata.obs[{key!r}] "
+                    f"has fewer than {min_cells} cells; merge it with another category or drop "
+                    "those cells"
+                )
+        else:
+            cats = list(categories[key])
+            unknown = sorted(set(values) - set(cats))
+            if unknown:
+                raise ValueError(
+                    f"adata.obs[{key!r}] has categories the model was not trained on: "
+                    f"{unknown[:10]} (trained on {cats})"
+                )
+        lookup = {c: i for i, c in enumerate(cats)}
+        codes.append(np.fromiter((lookup[v] for v in values), dtype=np.int64, count=len(values)))
+        cats_out[key] = cats
+    return np.stack(codes, axis=1), cats_out
+
+
+def _natural_key(value: str):
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def prepare_counts(
+    adata: AnnData,
+    layer: str | None = None,
+    batch_key: str | Sequence[str] | None = None,
+    *,
+    categories: dict[str, list[str]] | None = None,
+    var_names: Sequence[str] | None = None,
+    check: bool = True,
+) -> CountData:
+    """Validate ``adata`` and extract the arrays a count model needs.
+
+    Args:
+        layer: layer with raw counts, or ``None`` for ``X``.
+        batch_key: one or more categorical obs keys.
+        categories: known categories (when applying a trained model).
+        var_names: the trained model's genes; ``adata`` must have the same, in order.
+    """
+    X = get_matrix(adata, layer)
+    where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    if var_names is not None:
+        check_var_names(adata, var_names)
+    X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+    if check:
+        check_finite(X, where)
+        check_counts(X, where, layer)
+    keys = as_batch_keys(batch_key)
+    covs, cats = encode_covariates(adata, keys, categories)
+    totals = np.asarray(X.sum(axis=1), dtype=np.float64).reshape(-1, 1)
+    log_library = np.log(np.maximum(totals, 1.0)).astype(np.float32)
+    return CountData(X, covs, keys, cats, log_library, list(map(str, adata.var_names)))
+
+
+def check_var_names(adata: AnnData, var_names: Sequence[str]) -> None:
+    have = list(map(str, adata.var_names))
+    want = list(var_names)
+    if have == want:
+        return
+    missing = [g for g in want if g not in set(have)]
+    extra = [g for g in have if g not in set(want)]
+    if not missing and not extra:
+        raise ValueError(
+            "adata has the model's genes in a different order; reorder with "
+            "adata = adata[:, model.var_names].copy()"
+        )
+    raise ValueError(
+        f"adata's genes do not match the model's: {len(missing)} of the model's "
+        f"{len(want)} genes are missing (e.g. {missing[:5]}) and {len(extra)} are extra "
+        f"(e.g. {extra[:5]}). Subset to the model's genes: adata[:, model.var_names]"
+    )
+
+
+def check_writable(adata: AnnData, copy: bool) -> None:
+    """Refuse to write results into a view (it would silently turn into a copy)."""
+    if adata.is_view and not copy:
+        raise ValueError(
+            "adata is a view of another AnnData; writing results would silently make it a "
+            "copy. Pass copy=True, or make it an actual object first: adata = adata.copy()"
+        )

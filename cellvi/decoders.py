@@ -1,0 +1,82 @@
+"""Decoders p(x | z, s) that return distributions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from .nn import MLP
+
+__all__ = ["CountDecoder", "LIKELIHOODS", "DISPERSIONS"]
+
+LIKELIHOODS = ("nb", "zinb", "poisson")
+DISPERSIONS = ("gene", "gene-batch")
+
+
+class CountDecoder(nn.Module):
+    """Decoder for counts: ``log mu = log_softmax(f(z, s)) + log library``.
+
+    The softmax output is the cell's expression *proportions* over genes; the observed
+    library size enters as an offset, so ``mu`` sums to the library size.
+
+    Args:
+        n_latent: latent dimension.
+        n_genes: number of genes.
+        likelihood: ``"nb"``, ``"zinb"`` or ``"poisson"``.
+        dispersion: ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"``
+            (one per gene and category of the first covariate).
+        n_cats_per_cov: categorical covariates entering the decoder.
+    """
+
+    def __init__(
+        self,
+        n_latent: int,
+        n_genes: int,
+        *,
+        likelihood: str = "nb",
+        dispersion: str = "gene",
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_cats_per_cov: Sequence[int] = (),
+        dropout: float = 0.0,
+        norm: str | None = "batch",
+    ):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if dispersion not in DISPERSIONS:
+            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
+        if dispersion == "gene-batch" and not n_cats_per_cov:
+            raise ValueError("dispersion='gene-batch' needs a batch covariate (batch_key=...)")
+        self.likelihood = likelihood
+        self.dispersion = dispersion
+        self.trunk = MLP(n_latent, n_hidden, n_layers, n_cats_per_cov, dropout, norm)
+        self.logits = nn.Linear(n_hidden, n_genes)
+        self.gate = nn.Linear(n_hidden, n_genes) if likelihood == "zinb" else None
+        if likelihood != "poisson":
+            n_rows = n_cats_per_cov[0] if dispersion == "gene-batch" else 1
+            self.log_theta = nn.Parameter(torch.randn(n_rows, n_genes) * 0.1 + 1.0)
+
+    def proportions(self, z: torch.Tensor, covs: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized expression (rows sum to one), the denoised expression profile."""
+        return torch.softmax(self.logits(self.trunk(z, covs)), dim=-1)
+
+    def theta(self, covs: torch.Tensor | None) -> torch.Tensor:
+        if self.dispersion == "gene-batch":
+            return self.log_theta[covs[..., 0]].exp()
+        return self.log_theta[0].exp()
+
+    def forward(
+        self, z: torch.Tensor, covs: torch.Tensor | None, log_library: torch.Tensor
+    ) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson:
+        h = self.trunk(z, covs)
+        log_mu = torch.log_softmax(self.logits(h), dim=-1) + log_library
+        if self.likelihood == "poisson":
+            return Poisson(log_mu)
+        theta = self.theta(covs)
+        if self.likelihood == "zinb":
+            return ZeroInflatedNegativeBinomial(log_mu, theta, self.gate(h))
+        return NegativeBinomial(log_mu, theta)

@@ -1,0 +1,93 @@
+"""Variational objectives and KL (β) schedules.
+
+The ELBO per cell is one line::
+
+    elbo = px.log_prob(x).sum(-1) - beta * kl(qz, pz, z)
+
+and the importance-weighted bound (IWAE) draws ``K`` samples and takes a log-mean-exp of
+``log p(x|z) + log p(z) - log q(z|x)``. Both return one value per cell.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.distributions import Distribution, kl_divergence
+
+__all__ = ["kl", "elbo", "iwae", "LinearWarmup", "Constant"]
+
+
+def kl(qz: Distribution, pz: Distribution, z: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(q || p): closed form when torch knows one, else the one-sample estimate at ``z``."""
+    try:
+        return kl_divergence(qz, pz)
+    except NotImplementedError:
+        if z is None:
+            raise ValueError("no closed-form KL for these distributions: pass the sample z") from None
+        return qz.log_prob(z) - pz.log_prob(z)
+
+
+def elbo(log_px: torch.Tensor, qz: Distribution, pz: Distribution, z: torch.Tensor | None = None,
+         beta: float = 1.0) -> torch.Tensor:
+    """Per-cell ELBO ``log p(x|z) - beta * KL(q(z|x) || p(z))``.
+
+    Args:
+        log_px: ``log p(x|z)`` summed over features, one value per cell.
+        qz, pz: posterior and prior distributions (event dim = latent).
+        z: the sample used for ``log_px`` (needed only when the KL has no closed form).
+        beta: weight of the KL term.
+    """
+    return log_px - beta * kl(qz, pz, z)
+
+
+def iwae(
+    x: torch.Tensor,
+    qz: Distribution,
+    pz: Distribution,
+    decode: Callable[[torch.Tensor], Distribution],
+    n_samples: int = 16,
+) -> torch.Tensor:
+    """Importance-weighted bound with ``n_samples`` draws per cell (``n_samples=1`` is the
+    single-sample ELBO estimate).
+
+    ``decode(z)`` must return p(x|z) for ``z`` of shape ``(n_samples, n_cells, n_latent)``.
+    """
+    z = qz.rsample((n_samples,))
+    log_w = decode(z).log_prob(x).sum(-1) + pz.log_prob(z) - qz.log_prob(z)
+    return torch.logsumexp(log_w, dim=0) - math.log(n_samples)
+
+
+@dataclass(frozen=True)
+class LinearWarmup:
+    """β rises linearly from ``start`` to ``end`` over ``n_steps`` optimiser **steps**.
+
+    Counting steps (not epochs) makes the warm-up finish for any dataset size.
+    """
+
+    n_steps: int
+    start: float = 0.0
+    end: float = 1.0
+
+    def __call__(self, step: int) -> float:
+        if self.n_steps <= 0 or step >= self.n_steps:
+            return self.end
+        return self.start + (self.end - self.start) * step / self.n_steps
+
+    def done(self, step: int) -> bool:
+        return step >= self.n_steps
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A constant β (no warm-up)."""
+
+    value: float = 1.0
+
+    def __call__(self, step: int) -> float:
+        return self.value
+
+    def done(self, step: int) -> bool:
+        return True

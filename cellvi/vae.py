@@ -1,0 +1,69 @@
+"""The VAE core shared by every model: encoder + prior + decoder, on tensors only.
+
+Nothing here knows about AnnData. A mini-batch is a dict of tensors:
+
+- ``"x"``: data, ``(n_cells, n_features)``, dense, on the module's device;
+- ``"covs"``: integer codes of the categorical covariates, ``(n_cells, n_keys)``, or absent;
+- ``"log_library"``: ``(n_cells, 1)`` log library size (count models only).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Distribution
+
+from .objectives import elbo, iwae
+
+__all__ = ["VAE"]
+
+
+class VAE(nn.Module):
+    """Amortized VAE: ``q(z|x,s)`` from ``encoder``, ``p(z)`` from ``prior``, ``p(x|z,s)`` from
+    ``decoder``.
+
+    Args:
+        encoder: module, ``encoder(x_in, covs) -> Distribution`` over z.
+        decoder: module, ``decoder(z, covs, *extra) -> Distribution`` over x.
+        prior: module, ``prior() -> Distribution`` over z.
+        log1p_input: encode ``log1p(x)`` instead of ``x`` (count data).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module,
+                 log1p_input: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.prior = prior
+        self.log1p_input = log1p_input
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> Distribution:
+        x = batch["x"]
+        return self.encoder(torch.log1p(x) if self.log1p_input else x, batch.get("covs"))
+
+    def decode(self, z: torch.Tensor, batch: dict[str, torch.Tensor]) -> Distribution:
+        extra = (batch["log_library"],) if "log_library" in batch else ()
+        covs = batch.get("covs")
+        if covs is not None and z.dim() > covs.dim():  # sample dimensions in front (IWAE)
+            covs = covs.expand(*z.shape[:-1], covs.shape[-1])
+        return self.decoder(z, covs, *extra)
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        """Returns ``(qz, z, px)`` with one reparameterised sample ``z``."""
+        qz = self.encode(batch)
+        z = qz.rsample()
+        return qz, z, self.decode(z, batch)
+
+    def elbo(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
+        """Single-sample ELBO per cell."""
+        qz, z, px = self(batch)
+        return elbo(px.log_prob(batch["x"]).sum(-1), qz, self.prior(), z, beta)
+
+    def iwae(self, batch: dict[str, torch.Tensor], n_samples: int = 16) -> torch.Tensor:
+        """Importance-weighted bound per cell."""
+        return iwae(batch["x"], self.encode(batch), self.prior(),
+                    lambda z: self.decode(z, batch), n_samples)
+
+    def loss(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
+        """Mean negative ELBO over the mini-batch: what the training loop minimises."""
+        return -self.elbo(batch, beta).mean()
