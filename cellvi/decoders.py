@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
-from .nn import MLP
+from .nn import MLP, CovariateEmbedding
 
 __all__ = ["CountDecoder", "LIKELIHOODS", "DISPERSIONS"]
 
@@ -55,14 +55,26 @@ class CountDecoder(nn.Module):
         self.dispersion = dispersion
         self.trunk = MLP(n_latent, n_hidden, n_layers, n_cats_per_cov, dropout, norm)
         self.logits = nn.Linear(n_hidden, n_genes)
+        # A per-gene log-fold change for each batch category, added to the output logits: a
+        # multiplicative batch effect is then explained without any help from z.
+        self.batch_offset = CovariateEmbedding(n_cats_per_cov, n_genes)
         self.gate = nn.Linear(n_hidden, n_genes) if likelihood == "zinb" else None
         if likelihood != "poisson":
             n_rows = n_cats_per_cov[0] if dispersion == "gene-batch" else 1
             self.log_theta = nn.Parameter(torch.randn(n_rows, n_genes) * 0.1 + 1.0)
 
+    @torch.no_grad()
+    def init_batch_offsets(self, log_ratios) -> None:
+        """Start the per-batch output offsets at given per-gene log-fold changes."""
+        for emb, values in zip(self.batch_offset.embeddings, log_ratios, strict=True):
+            emb.weight.copy_(torch.as_tensor(values, dtype=emb.weight.dtype))
+
     def proportions(self, z: torch.Tensor, covs: torch.Tensor | None = None) -> torch.Tensor:
         """Normalized expression (rows sum to one), the denoised expression profile."""
-        return torch.softmax(self.logits(self.trunk(z, covs)), dim=-1)
+        return torch.softmax(self._logits(self.trunk(z, covs), covs), dim=-1)
+
+    def _logits(self, h: torch.Tensor, covs: torch.Tensor | None) -> torch.Tensor:
+        return self.logits(h) + self.batch_offset(covs)
 
     def theta(self, covs: torch.Tensor | None) -> torch.Tensor:
         if self.dispersion == "gene-batch":
@@ -73,7 +85,7 @@ class CountDecoder(nn.Module):
         self, z: torch.Tensor, covs: torch.Tensor | None, log_library: torch.Tensor
     ) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson:
         h = self.trunk(z, covs)
-        log_mu = torch.log_softmax(self.logits(h), dim=-1) + log_library
+        log_mu = torch.log_softmax(self._logits(h, covs), dim=-1) + log_library
         if self.likelihood == "poisson":
             return Poisson(log_mu)
         theta = self.theta(covs)

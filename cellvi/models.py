@@ -35,6 +35,29 @@ _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
 
 
+def batch_log_ratios(data: CountData, pseudo: float = 1e-6) -> list[np.ndarray]:
+    """Per batch category, ``log`` of its mean expression proportions over the pooled ones.
+
+    Returns one ``(n_categories, n_genes)`` array per batch key (divided by the number of keys),
+    used to start the decoder's batch offsets where the data put them.
+    """
+    import scipy.sparse as sp
+
+    X = data.X
+    lib = np.exp(data.log_library[:, 0].astype(np.float64))
+    props = sp.diags(1.0 / lib) @ X if sp.issparse(X) else X / lib[:, None]
+    pooled = np.log(np.asarray(props.mean(0)).ravel() + pseudo)
+    out = []
+    for j, key in enumerate(data.batch_keys):
+        n_cat = len(data.categories[key])
+        onehot = sp.csr_matrix((np.ones(len(lib)), (data.covs[:, j], np.arange(len(lib)))),
+                               shape=(n_cat, len(lib)))
+        means = np.asarray((onehot @ props).todense() if sp.issparse(props) else onehot @ props)
+        means /= np.asarray(onehot.sum(1))
+        out.append(((np.log(means + pseudo) - pooled) / len(data.batch_keys)).astype(np.float32))
+    return out
+
+
 class NBVAE:
     """Negative-binomial VAE for scRNA-seq counts, with batch correction.
 
@@ -96,6 +119,8 @@ class NBVAE:
             decoder = CountDecoder(s["n_latent"], len(self.var_names), likelihood=s["likelihood"],
                                    dispersion=s["dispersion"], n_hidden=s["n_hidden"],
                                    n_layers=s["n_layers"], n_cats_per_cov=n_cats, norm=s["norm"])
+            if self._data is not None and n_cats:
+                decoder.init_batch_offsets(batch_log_ratios(self._data))
             return VAE(encoder, decoder, StandardNormal(s["n_latent"]), log1p_input=True)
 
     @property

@@ -2,7 +2,7 @@
 
 The ELBO per cell is one line::
 
-    elbo = px.log_prob(x).sum(-1) - beta * kl(qz, pz, z)
+    elbo = log_likelihood(px, x) - beta * kl(qz, pz, z)
 
 and the importance-weighted bound (IWAE) draws ``K`` samples and takes a log-mean-exp of
 ``log p(x|z) + log p(z) - log q(z|x)``. Both return one value per cell.
@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Distribution, kl_divergence
 
-__all__ = ["kl", "elbo", "iwae", "LinearWarmup", "Constant"]
+__all__ = ["log_likelihood", "kl", "elbo", "iwae", "LinearWarmup", "Constant"]
+
+
+def log_likelihood(px: Distribution, x: torch.Tensor) -> torch.Tensor:
+    """``log p(x|z)`` per cell: sums over features unless ``px`` already treats them as its
+    event (e.g. an ``Independent`` distribution)."""
+    lp = px.log_prob(x)
+    return lp if len(px.event_shape) else lp.sum(-1)
 
 
 def kl(qz: Distribution, pz: Distribution, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,7 +63,7 @@ def iwae(
     ``decode(z)`` must return p(x|z) for ``z`` of shape ``(n_samples, n_cells, n_latent)``.
     """
     z = qz.rsample((n_samples,))
-    log_w = decode(z).log_prob(x).sum(-1) + pz.log_prob(z) - qz.log_prob(z)
+    log_w = log_likelihood(decode(z), x) + pz.log_prob(z) - qz.log_prob(z)
     return torch.logsumexp(log_w, dim=0) - math.log(n_samples)
 
 

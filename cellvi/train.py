@@ -23,6 +23,7 @@ from ._settings import resolve_device, seeded
 from .objectives import LinearWarmup
 
 logger = logging.getLogger("cellvi")
+ADAM_EPS = 0.01  # as scvi-tools; damps steps of rarely-informed parameters
 
 __all__ = ["DeviceMatrix", "DeviceData", "TrainingDiverged", "default_max_epochs", "train"]
 
@@ -187,7 +188,7 @@ def train(
     schedule = LinearWarmup(kl_warmup_steps)
     use_val = early_stopping and n_val > 0
 
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, eps=0.01)
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, eps=ADAM_EPS)
     history: dict[str, list[float]] = {"epoch": [], "train_elbo": [], "validation_elbo": [], "beta": []}
     best, best_state, bad_epochs, step = -math.inf, None, 0, 0
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from .objectives import elbo, iwae
+from .objectives import elbo, iwae, log_likelihood
 
 __all__ = ["VAE"]
 
@@ -57,7 +57,7 @@ class VAE(nn.Module):
     def elbo(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
         """Single-sample ELBO per cell."""
         qz, z, px = self(batch)
-        return elbo(px.log_prob(batch["x"]).sum(-1), qz, self.prior(), z, beta)
+        return elbo(log_likelihood(px, batch["x"]), qz, self.prior(), z, beta)
 
     def iwae(self, batch: dict[str, torch.Tensor], n_samples: int = 16) -> torch.Tensor:
         """Importance-weighted bound per cell."""

@@ -1,0 +1,91 @@
+"""Metrics as pure functions on arrays: clustering agreement and batch mixing."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import chi2
+
+__all__ = ["ari", "nmi", "hungarian_f1", "ilisi", "kbet_acceptance"]
+
+
+def ari(labels_true, labels_pred) -> float:
+    """Adjusted Rand index (sklearn)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(np.asarray(labels_true), np.asarray(labels_pred)))
+
+
+def nmi(labels_true, labels_pred) -> float:
+    """Normalized mutual information (sklearn, arithmetic mean)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(np.asarray(labels_true), np.asarray(labels_pred)))
+
+
+def hungarian_f1(labels_true, labels_pred, *, exclude=()) -> tuple[float, dict]:
+    """Mean F1 over true populations after one-to-one Hungarian matching of clusters.
+
+    Cells whose true label is in ``exclude`` are left out of the scoring. A true population
+    left without a cluster (fewer clusters than populations) scores F1 = 0.
+
+    Returns:
+        ``(mean_f1, {true_label: (matched_cluster or None, f1)})``.
+    """
+    t = np.asarray(labels_true).astype(str)
+    p = np.asarray(labels_pred).astype(str)
+    keep = ~np.isin(t, np.asarray(list(exclude), dtype=str))
+    t, p = t[keep], p[keep]
+    tl, ti = np.unique(t, return_inverse=True)
+    pl, pi = np.unique(p, return_inverse=True)
+    cont = np.zeros((len(tl), len(pl)))
+    np.add.at(cont, (ti, pi), 1)
+    f1 = 2 * cont / (cont.sum(1, keepdims=True) + cont.sum(0, keepdims=True))
+    rows, cols = linear_sum_assignment(-f1)
+    per = {label: (None, 0.0) for label in tl}
+    for r, c in zip(rows, cols, strict=True):
+        per[tl[r]] = (pl[c], float(f1[r, c]))
+    return float(np.mean([v[1] for v in per.values()])), per
+
+
+def _knn_batches(X, batch, n_neighbors: int):
+    from sklearn.neighbors import NearestNeighbors
+
+    X = np.asarray(X)
+    codes = np.unique(np.asarray(batch).astype(str), return_inverse=True)[1]
+    k = min(n_neighbors, len(X) - 1)
+    nn = NearestNeighbors(n_neighbors=k + 1).fit(X)
+    idx = nn.kneighbors(X, return_distance=False)[:, 1:]
+    return codes, codes[idx], codes.max() + 1
+
+
+def ilisi(X, batch, *, n_neighbors: int = 30, scale: bool = True) -> float:
+    """Mean inverse Simpson index of batch labels among each cell's k nearest neighbours.
+
+    A simplified, unweighted iLISI: 1 means each neighbourhood holds one batch, ``B`` means
+    perfect mixing of ``B`` equally sized batches. With ``scale`` the result is mapped to
+    [0, 1] by ``(ilisi - 1) / (B - 1)``.
+    """
+    codes, nb, n_batches = _knn_batches(X, batch, n_neighbors)
+    counts = np.stack([(nb == b).sum(1) for b in range(n_batches)], axis=1)
+    p = counts / counts.sum(1, keepdims=True)
+    value = float(np.mean(1.0 / (p**2).sum(1)))
+    if scale:
+        return (value - 1.0) / max(1, n_batches - 1)
+    return value
+
+
+def kbet_acceptance(X, batch, *, n_neighbors: int = 50, alpha: float = 0.05) -> float:
+    """kBET-style acceptance rate: share of cells whose neighbourhood batch composition is
+    not rejected by a chi-square test against the global batch frequencies (level ``alpha``).
+
+    Higher is better mixed (1 = no neighbourhood differs from the global mix).
+    """
+    codes, nb, n_batches = _knn_batches(X, batch, n_neighbors)
+    freq = np.bincount(codes, minlength=n_batches) / len(codes)
+    k = nb.shape[1]
+    observed = np.stack([(nb == b).sum(1) for b in range(n_batches)], axis=1)
+    expected = freq * k
+    stat = ((observed - expected) ** 2 / expected).sum(1)
+    pvals = chi2.sf(stat, df=n_batches - 1)
+    return float(np.mean(pvals >= alpha))

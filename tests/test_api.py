@@ -1,0 +1,32 @@
+"""The scanpy signature contract, checked on every public entry point of ``cellvi.tl``."""
+
+import inspect
+
+import pytest
+
+import cellvi
+
+TL_FUNCS = [getattr(cellvi.tl, name) for name in cellvi.tl.__all__]
+
+
+@pytest.mark.parametrize("func", TL_FUNCS, ids=lambda f: f.__name__)
+def test_tl_signature_contract(func):
+    params = list(inspect.signature(func).parameters.values())
+    assert params[0].name == "adata"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    assert len(positional) <= 3, "at most a few positional parameters"
+    names = {p.name for p in params}
+    assert {"key_added", "copy", "seed", "device", "verbose"} <= names
+    copy = inspect.signature(func).parameters["copy"]
+    assert copy.default is False and copy.kind == copy.KEYWORD_ONLY
+    doc = inspect.getdoc(func)
+    assert "Returns:" in doc and "Example" in doc
+    assert "key_added" in doc.split("Returns:")[1], "Returns lists the fields written"
+
+
+@pytest.mark.parametrize("name", ["tl", "models", "datasets", "metrics"])
+def test_public_objects_are_documented(name):
+    mod = getattr(cellvi, name)
+    for attr in mod.__all__:
+        obj = getattr(mod, attr)
+        assert inspect.getdoc(obj), f"cellvi.{name}.{attr} has no docstring"

@@ -1,0 +1,105 @@
+import numpy as np
+import pyro.distributions as pdist
+import pytest
+import torch
+
+from cellvi.distributions import (
+    NegativeBinomial,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+    sparse_lgamma_terms,
+)
+
+
+def _inputs(seed, shape=(64, 40), theta_shape=(40,)):
+    g = torch.Generator().manual_seed(seed)
+    log_mu = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    theta = torch.rand(theta_shape, generator=g, dtype=torch.float64) * 20 + 0.05
+    x = torch.poisson(torch.rand(shape, generator=g, dtype=torch.float64) * 8, generator=g)
+    x = x * (torch.rand(shape, generator=g, dtype=torch.float64) > 0.6)  # many zeros
+    gate = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    return x, log_mu, theta, gate
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("theta_shape", [(40,), (64, 40)])  # per gene, per cell-and-gene
+def test_nb_matches_pyro_gamma_poisson(seed, theta_shape):
+    x, log_mu, theta, _ = _inputs(seed, theta_shape=theta_shape)
+    ours = NegativeBinomial(log_mu, theta).log_prob(x)
+    ref = pdist.GammaPoisson(theta, theta / log_mu.exp()).log_prob(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zinb_matches_pyro(seed):
+    x, log_mu, theta, gate = _inputs(seed)
+    ours = ZeroInflatedNegativeBinomial(log_mu, theta, gate).log_prob(x)
+    ref = pdist.ZeroInflatedNegativeBinomial(
+        total_count=theta, logits=log_mu - theta.log(), gate_logits=gate
+    ).log_prob(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_poisson_matches_pyro(seed):
+    x, log_mu, _, _ = _inputs(seed)
+    torch.testing.assert_close(Poisson(log_mu).log_prob(x), pdist.Poisson(log_mu.exp()).log_prob(x),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_float32_matches_pyro_to_1e5():
+    x, log_mu, theta, gate = (t.float() for t in _inputs(7))
+    ours = NegativeBinomial(log_mu, theta).log_prob(x)
+    ref = pdist.GammaPoisson(theta.double(), (theta / log_mu.exp()).double()).log_prob(x.double())
+    assert torch.max((ours.double() - ref).abs() / (1 + ref.abs())) < 1e-5
+
+
+def test_gradients_match_pyro():
+    x, log_mu, theta, gate = _inputs(3)
+    for which in ("nb", "zinb"):
+        a = log_mu.clone().requires_grad_()
+        b = log_mu.clone().requires_grad_()
+        ta = theta.clone().requires_grad_()
+        tb = theta.clone().requires_grad_()
+        if which == "nb":
+            NegativeBinomial(a, ta).log_prob(x).sum().backward()
+            pdist.GammaPoisson(tb, tb / b.exp()).log_prob(x).sum().backward()
+        else:
+            ZeroInflatedNegativeBinomial(a, ta, gate).log_prob(x).sum().backward()
+            pdist.ZeroInflatedNegativeBinomial(total_count=tb, logits=b - tb.log(),
+                                               gate_logits=gate).log_prob(x).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad)
+        torch.testing.assert_close(ta.grad, tb.grad)
+
+
+def test_broadcast_over_sample_dimension():
+    x, log_mu, theta, _ = _inputs(1)
+    stacked = torch.stack([log_mu, log_mu + 0.5])  # (2, cells, genes) as in IWAE
+    lp = NegativeBinomial(stacked, theta).log_prob(x)
+    assert lp.shape == stacked.shape
+    torch.testing.assert_close(lp[1], NegativeBinomial(log_mu + 0.5, theta).log_prob(x))
+
+
+def test_sparse_terms_are_zero_on_zeros_and_exact_elsewhere():
+    x, _, theta, _ = _inputs(2)
+    terms = sparse_lgamma_terms(x, theta)
+    assert torch.all(terms[x == 0] == 0)
+    full = torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
+    torch.testing.assert_close(terms, full)
+
+
+def test_moments_and_sampling_monte_carlo():
+    torch.manual_seed(0)
+    log_mu = torch.tensor([[0.5, 2.0, 3.0]], dtype=torch.float64)
+    theta = torch.tensor([0.7, 3.0, 50.0], dtype=torch.float64)
+    gate = torch.tensor([[-1.0, 0.0, 1.0]], dtype=torch.float64)
+    for d in (NegativeBinomial(log_mu, theta), ZeroInflatedNegativeBinomial(log_mu, theta, gate),
+              Poisson(log_mu)):
+        s = d.sample((40000,))
+        assert s.shape == (40000, 1, 3)
+        np.testing.assert_allclose(s.mean(0), d.mean, rtol=0.05)
+        np.testing.assert_allclose(s.var(0), d.variance, rtol=0.1)
+        # probabilities sum to one over the support
+        grid = torch.arange(0, 3000, dtype=torch.float64).reshape(-1, 1, 1)
+        total = d.log_prob(grid).exp().sum(0)
+        torch.testing.assert_close(total, torch.ones_like(total), rtol=1e-6, atol=1e-6)

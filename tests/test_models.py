@@ -1,0 +1,128 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import cellvi
+from cellvi.models import NBVAE
+
+
+def test_latent_shapes_and_determinism(trained, sim_adata):
+    z = trained.get_latent(sim_adata)
+    assert z.shape == (sim_adata.n_obs, 10) and z.dtype == np.float32
+    np.testing.assert_array_equal(z, trained.get_latent(sim_adata))
+    s1 = trained.get_latent(sim_adata, mean=False, seed=1)
+    s2 = trained.get_latent(sim_adata, mean=False, seed=1)
+    np.testing.assert_array_equal(s1, s2)
+    assert not np.allclose(s1, z)
+
+
+def test_normalized_expression(trained, sim_adata):
+    expr = trained.get_normalized_expression(sim_adata[:50], library_size=1e4)
+    assert expr.shape == (50, sim_adata.n_vars) and expr.dtype == np.float32
+    np.testing.assert_allclose(expr.sum(1), 1e4, rtol=1e-4)
+    b0 = trained.get_normalized_expression(sim_adata[:50], transform_batch="b0")
+    b1 = trained.get_normalized_expression(sim_adata[:50], transform_batch={"batch": "b1"})
+    assert not np.allclose(b0, b1)
+    # cells already in b0 are unchanged by transform_batch="b0"
+    in_b0 = (sim_adata.obs["batch"][:50] == "b0").to_numpy()
+    np.testing.assert_allclose(b0[in_b0], expr[in_b0], rtol=1e-5)
+    with pytest.raises(ValueError, match="not a category"):
+        trained.get_normalized_expression(sim_adata[:5], transform_batch="b7")
+
+
+def test_denoised_expression_recovers_batch_effect(trained, sim_adata):
+    """Decoding the same cells as b0 vs b1 reproduces the simulated per-gene batch fold changes."""
+    b0 = trained.get_normalized_expression(sim_adata, transform_batch="b0").mean(0)
+    b1 = trained.get_normalized_expression(sim_adata, transform_batch="b1").mean(0)
+    X = sim_adata.X.toarray()
+    props = X / X.sum(1, keepdims=True)
+    obs0 = props[(sim_adata.obs["batch"] == "b0").to_numpy()].mean(0)
+    obs1 = props[(sim_adata.obs["batch"] == "b1").to_numpy()].mean(0)
+    keep = (obs0 > 1e-3) & (obs1 > 1e-3)
+    r = np.corrcoef(np.log(b1[keep] / b0[keep]), np.log(obs1[keep] / obs0[keep]))[0, 1]
+    assert r > 0.8
+
+
+def test_save_load_round_trip(trained, sim_adata, tmp_path):
+    trained.save(tmp_path / "m")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model"] == "NBVAE" and cfg["var_names"] == list(sim_adata.var_names)
+    assert cfg["categories"] == {"batch": ["b0", "b1"]} and cfg["cellvi_version"] == cellvi.__version__
+    loaded = NBVAE.load(tmp_path / "m", adata=sim_adata, device="cpu")
+    np.testing.assert_array_equal(loaded.get_latent(sim_adata), trained.get_latent(sim_adata))
+    assert loaded.history == trained.history
+    with pytest.raises(FileExistsError, match="overwrite"):
+        trained.save(tmp_path / "m")
+    trained.save(tmp_path / "m", overwrite=True)
+    with pytest.raises(RuntimeError, match="without training data"):
+        loaded.fit()
+
+
+def test_weights_file_is_not_a_pickle(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    trained.save(tmp_path / "m")
+    state = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    head = (tmp_path / "m" / "model.safetensors").read_bytes()[:2]
+    assert head != b"\x80\x04" and head[:1] != b"PK"  # neither a pickle nor a torch zip
+
+
+def test_load_refuses_mismatches(trained, sim_adata, tmp_path):
+    trained.save(tmp_path / "m")
+    fewer = sim_adata[:, 5:].copy()
+    with pytest.raises(ValueError, match="5 of the model's 300 genes are missing.*gene0"):
+        NBVAE.load(tmp_path / "m", adata=fewer)
+    shuffled = sim_adata[:, ::-1].copy()
+    with pytest.raises(ValueError, match="different order"):
+        NBVAE.load(tmp_path / "m", adata=shuffled)
+    other = sim_adata.copy()
+    other.obs["batch"] = other.obs["batch"].cat.rename_categories({"b1": "b5"})
+    with pytest.raises(ValueError, match="not trained on.*b5"):
+        NBVAE.load(tmp_path / "m", adata=other)
+    with pytest.raises(FileNotFoundError, match="does not hold a saved cellvi model"):
+        NBVAE.load(tmp_path / "nothing")
+
+
+def test_untrained_model_errors(sim_adata):
+    m = NBVAE(sim_adata)
+    assert "untrained" in repr(m)
+    with pytest.raises(RuntimeError, match="fit"):
+        m.get_latent(sim_adata)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(likelihood="zinb"), dict(likelihood="poisson"), dict(dispersion="gene-batch"),
+     dict(n_layers=2, norm="layer")],
+)
+def test_model_variants_train(small_adata, kwargs):
+    m = NBVAE(small_adata, batch_key="batch", n_latent=3, **kwargs).fit(max_epochs=3, verbose=False)
+    z = m.get_latent(small_adata)
+    assert z.shape == (small_adata.n_obs, 3) and np.isfinite(z).all()
+    assert np.isfinite(m.history["train_elbo"]).all()
+
+
+def test_bad_model_settings(small_adata):
+    with pytest.raises(ValueError, match="likelihood"):
+        NBVAE(small_adata, likelihood="gaussian")
+    with pytest.raises(ValueError, match="gene-batch.*batch_key"):
+        NBVAE(small_adata, dispersion="gene-batch")
+
+
+def test_iwae_bound_above_elbo(trained, sim_adata):
+    from cellvi.data import prepare_counts
+    from cellvi.train import DeviceData
+
+    d = prepare_counts(sim_adata[:200], batch_key="batch")
+    batch = DeviceData.from_arrays(d.X, torch.device("cpu"), covs=d.covs,
+                                   log_library=d.log_library).batch(torch.arange(200))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        e = torch.stack([trained.module.elbo(batch) for _ in range(50)]).mean(0)
+        iw = trained.module.iwae(batch, n_samples=50)
+    assert float((iw - e).mean()) > 0

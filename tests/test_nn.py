@@ -1,0 +1,46 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cellvi.nn import MLP, CovariateEmbedding
+
+
+def test_embedding_equals_one_hot_linear():
+    torch.manual_seed(0)
+    emb = CovariateEmbedding([3, 4], 5)
+    covs = torch.tensor([[0, 3], [2, 1], [1, 0]])
+    one_hot = torch.cat([F.one_hot(covs[:, 0], 3), F.one_hot(covs[:, 1], 4)], 1).float()
+    W = torch.cat([emb.embeddings[0].weight, emb.embeddings[1].weight], 0)
+    torch.testing.assert_close(emb(covs), one_hot @ W)
+
+
+def test_mlp_shapes_and_covariates_matter():
+    torch.manual_seed(0)
+    mlp = MLP(10, 16, n_layers=2, n_cats_per_cov=[2], dropout=0.0).eval()
+    x = torch.randn(8, 10)
+    a = mlp(x, torch.zeros(8, 1, dtype=torch.long))
+    b = mlp(x, torch.ones(8, 1, dtype=torch.long))
+    assert a.shape == (8, 16)
+    assert not torch.allclose(a, b)
+    # leading sample dimension (IWAE) works, also with batch norm
+    x3 = torch.randn(4, 8, 10)
+    out = mlp(x3, torch.zeros(4, 8, 1, dtype=torch.long))
+    torch.testing.assert_close(out[1], mlp(x3[1], torch.zeros(8, 1, dtype=torch.long)))
+
+
+def test_mlp_needs_covariates_when_built_with_them():
+    mlp = MLP(3, 4, n_cats_per_cov=[2])
+    with pytest.raises(ValueError, match="covariates"):
+        mlp(torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", None])
+def test_norms(norm):
+    assert MLP(3, 4, norm=norm)(torch.randn(5, 3)).shape == (5, 4)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="n_layers"):
+        MLP(3, 4, n_layers=0)
+    with pytest.raises(ValueError, match="norm"):
+        MLP(3, 4, norm="group")

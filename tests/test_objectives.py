@@ -1,0 +1,118 @@
+"""The bounds against closed forms and Pyro's ELBO implementations."""
+
+import math
+
+import pyro
+import pyro.distributions as pdist
+import pytest
+import torch
+from torch.distributions import Independent, MultivariateNormal, Normal
+
+from cellvi.objectives import Constant, LinearWarmup, elbo, iwae, kl
+
+
+def _linear_gaussian(seed=0, d_z=2, d_x=3):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_x, d_z, generator=g, dtype=torch.float64)
+    b = torch.randn(d_x, generator=g, dtype=torch.float64)
+    sigma = 0.5
+    x = torch.randn(5, d_x, generator=g, dtype=torch.float64)
+    prior = Independent(Normal(torch.zeros(d_z, dtype=torch.float64), torch.ones(d_z, dtype=torch.float64)), 1)
+
+    def decode(z):
+        return Independent(Normal(z @ W.T + b, sigma), 1)
+
+    # exact posterior and evidence
+    cov_x = W @ W.T + sigma**2 * torch.eye(d_x, dtype=torch.float64)
+    log_px = MultivariateNormal(b, cov_x).log_prob(x)
+    prec = torch.eye(d_z, dtype=torch.float64) + W.T @ W / sigma**2
+    post_cov = torch.linalg.inv(prec)
+    post_mean = (x - b) @ W @ post_cov.T / sigma**2
+    return x, W, b, sigma, prior, decode, log_px, post_mean, post_cov
+
+
+def test_kl_closed_form_and_monte_carlo_agree():
+    torch.manual_seed(0)
+    q = Independent(Normal(torch.randn(4, 3), torch.rand(4, 3) + 0.3), 1)
+    p = Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
+    z = q.sample((200000,))
+    mc = (q.log_prob(z) - p.log_prob(z)).mean(0)
+    torch.testing.assert_close(kl(q, p), mc, rtol=0.02, atol=0.02)
+
+
+def test_kl_without_closed_form_uses_sample():
+    q = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    p = pdist.MixtureOfDiagNormals(torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2))
+    z = torch.randn(2)
+    torch.testing.assert_close(kl(q, p, z), q.log_prob(z) - p.log_prob(z))
+    with pytest.raises(ValueError, match="sample"):
+        kl(q, p)
+
+
+def test_elbo_equals_evidence_at_exact_posterior():
+    """With q = p(z|x) (full covariance) the bound is tight for every sample."""
+    x, W, b, sigma, prior, decode, log_px, post_mean, post_cov = _linear_gaussian()
+    q = MultivariateNormal(post_mean, post_cov)
+    z = q.rsample()
+    value = decode(z).log_prob(x) - (q.log_prob(z) - prior.log_prob(z))
+    torch.testing.assert_close(value, log_px)
+    iw = iwae(x, q, prior, decode, n_samples=3)
+    torch.testing.assert_close(iw, log_px)
+
+
+def test_iwae_tightens_towards_evidence_with_mean_field_q():
+    x, W, b, sigma, prior, decode, log_px, post_mean, post_cov = _linear_gaussian(1)
+    q = Independent(Normal(post_mean, post_cov.diagonal().sqrt()), 1)
+    torch.manual_seed(0)
+    z = q.rsample((20000,))
+    single = (decode(z).log_prob(x) - (q.log_prob(z) - prior.log_prob(z))).mean(0)
+    analytic = elbo(decode(z).log_prob(x).mean(0), q, prior)
+    torch.testing.assert_close(single, analytic, rtol=0, atol=0.02)
+    assert torch.all(analytic < log_px)
+    bounds = [torch.stack([iwae(x, q, prior, decode, k) for _ in range(200)]).mean(0) for k in (1, 10, 200)]
+    assert torch.all(bounds[0] < bounds[1]) and torch.all(bounds[1] < bounds[2])
+    assert torch.all(bounds[2] <= log_px + 1e-3)
+    assert torch.all(log_px - bounds[2] < 0.1 * (log_px - bounds[0]))
+
+
+def test_elbo_matches_pyro_trace_mean_field_elbo():
+    """Same model and guide in Pyro: its analytic-KL ELBO must equal ours."""
+    x, W, b, sigma, prior, decode, log_px, post_mean, post_cov = _linear_gaussian(2)
+    loc = post_mean + 0.3
+    scale = post_cov.diagonal().sqrt().expand_as(loc) * 1.5
+
+    def model(x):
+        with pyro.plate("cells", x.shape[0]):
+            z = pyro.sample("z", pdist.Normal(torch.zeros_like(loc), 1.0).to_event(1))
+            pyro.sample("x", pdist.Normal(z @ W.T + b, sigma).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("cells", x.shape[0]):
+            pyro.sample("z", pdist.Normal(loc, scale).to_event(1))
+
+    pyro.set_rng_seed(0)
+    loss = pyro.infer.TraceMeanField_ELBO(num_particles=20000, vectorize_particles=True).loss(model, guide, x)
+    q = Independent(Normal(loc, scale), 1)
+    torch.manual_seed(1)
+    z = q.rsample((20000,))
+    ours = elbo(decode(z).log_prob(x).mean(0), q, prior).sum()
+    assert abs(-loss - float(ours)) < 0.05
+
+
+def test_beta_weights_only_the_kl():
+    q = Independent(Normal(torch.ones(3, 2), torch.ones(3, 2)), 1)
+    p = Independent(Normal(torch.zeros(2), torch.ones(2)), 1)
+    lp = torch.tensor([-1.0, -2.0, -3.0])
+    torch.testing.assert_close(elbo(lp, q, p, beta=0.0), lp)
+    torch.testing.assert_close(elbo(lp, q, p, beta=0.5), lp - 0.5 * kl(q, p))
+
+
+def test_linear_warmup_counts_steps():
+    s = LinearWarmup(100)
+    assert s(0) == 0.0 and s(50) == 0.5 and s(100) == 1.0 and s(10**6) == 1.0
+    assert not s.done(99) and s.done(100)
+    assert LinearWarmup(0)(0) == 1.0
+    assert LinearWarmup(10, start=0.5, end=2.0)(5) == pytest.approx(1.25)
+    c = Constant(0.3)
+    assert c(0) == c(10**9) == 0.3 and c.done(0)
+    assert math.isclose(LinearWarmup(3)(1), 1 / 3)
