@@ -184,7 +184,7 @@ class NBVAE:
     def _batches(self, adata: AnnData, batch_size: int):
         d = self._prepare(adata)
         data = DeviceData.from_arrays(d.X, self.device, covs=d.covs, log_library=d.log_library)
-        idx = torch.arange(data.n_obs, device=self.device)
+        idx = torch.arange(data.n_obs)
         return data.iter_batches(idx, batch_size)
 
     @torch.no_grad()

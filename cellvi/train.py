@@ -49,23 +49,33 @@ class DeviceMatrix:
             self.indptr = torch.as_tensor(X.indptr.astype(np.int64), device=device)
             self.indices = torch.as_tensor(X.indices.astype(np.int64), device=device)
             self.data = torch.as_tensor(np.asarray(X.data), dtype=dtype, device=device)
+            self._row_nnz = torch.as_tensor(np.diff(X.indptr).astype(np.int64))  # on the CPU
         else:
             self.sparse = False
             self.dense = torch.as_tensor(np.ascontiguousarray(X), dtype=dtype, device=device)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dense rows ``idx``. ``idx`` may live on the CPU: then the non-zero count of the
+        block is known without a device synchronisation (this matters on CUDA)."""
         if not self.sparse:
-            return self.dense[idx]
+            return self.dense[idx.to(self.device, non_blocking=True)]
+        if idx.device.type == "cpu":
+            total = int(self._row_nnz[idx].sum())
+            idx = idx.to(self.device, non_blocking=True)
+        else:
+            total = None
         starts = self.indptr[idx]
         lengths = self.indptr[idx + 1] - starts
         out = torch.zeros(len(idx), self.shape[1], dtype=self.data.dtype, device=self.device)
-        total = int(lengths.sum())
+        if total is None:
+            total = int(lengths.sum())
         if total == 0:
             return out
-        row_ids = torch.repeat_interleave(torch.arange(len(idx), device=self.device), lengths)
+        row_ids = torch.repeat_interleave(torch.arange(len(idx), device=self.device), lengths,
+                                          output_size=total)
         offsets = torch.cumsum(lengths, 0) - lengths
-        pos = torch.arange(total, device=self.device) - torch.repeat_interleave(offsets, lengths)
-        pos = pos + torch.repeat_interleave(starts, lengths)
+        pos = torch.arange(total, device=self.device) - torch.repeat_interleave(
+            offsets - starts, lengths, output_size=total)
         out[row_ids, self.indices[pos]] = self.data[pos]
         return out
 
@@ -98,6 +108,7 @@ class DeviceData:
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {"x": self.x.rows(idx)}
+        idx = idx.to(self.x.device, non_blocking=True)
         for key, value in self.obs.items():
             out[key] = value[idx]
         return out
@@ -174,8 +185,9 @@ def train(
     generator = np.random.default_rng(seed)
     perm = generator.permutation(n_obs)
     n_val = int(round(validation_fraction * n_obs)) if n_obs >= 20 else 0
-    val_idx = torch.as_tensor(np.sort(perm[:n_val]), device=device)
-    train_idx = torch.as_tensor(perm[n_val:], device=device)
+    # Indices stay on the CPU (the device gets each mini-batch's indices, asynchronously).
+    val_idx = torch.as_tensor(np.sort(perm[:n_val]))
+    train_idx = torch.as_tensor(perm[n_val:])
     n_train = len(train_idx)
     batch_size = min(batch_size, n_train)
     # Drop a last batch smaller than 3 cells: BatchNorm cannot use it.
@@ -196,7 +208,7 @@ def train(
         module.train()
         bar = tqdm(range(max_epochs), desc=desc, disable=None if verbose else True, leave=False)
         for epoch in bar:
-            order = train_idx[torch.randperm(n_train, device=device)]
+            order = train_idx[torch.randperm(n_train)]
             running = torch.zeros((), device=device)
             seen = 0
             for b in range(steps_per_epoch):
