@@ -8,11 +8,36 @@ materialising the one-hot matrix.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CovariateEmbedding", "MLP"]
+__all__ = ["CovariateEmbedding", "MLP", "SparseRows"]
+
+
+class SparseRows(NamedTuple):
+    """A ``(n_rows, n_cols)`` matrix given by its non-zeros, row-major sorted.
+
+    An :class:`MLP` whose input is a ``SparseRows`` computes its first layer with
+    ``embedding_bag`` over the non-zeros: the cost follows the non-zeros, not the width.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+    n_rows: int
+
+    def offsets(self) -> torch.Tensor:
+        return torch.searchsorted(self.rows, torch.arange(self.n_rows, device=self.rows.device))
+
+
+def sparse_linear(x: SparseRows, linear: nn.Linear) -> torch.Tensor:
+    """``linear(dense(x))`` computed from the non-zeros of ``x``."""
+    out = F.embedding_bag(x.cols, linear.weight.t().contiguous(), x.offsets(), mode="sum",
+                          per_sample_weights=x.values)
+    return out + linear.bias if linear.bias is not None else out
 
 
 class CovariateEmbedding(nn.Module):
@@ -83,9 +108,9 @@ class MLP(nn.Module):
         self.activation = nn.ReLU()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, covs: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SparseRows, covs: torch.Tensor | None = None) -> torch.Tensor:
         for linear, cov, norm in zip(self.linears, self.covariates, self.norms, strict=True):
-            h = linear(x) + cov(covs)
+            h = (sparse_linear(x, linear) if isinstance(x, SparseRows) else linear(x)) + cov(covs)
             if isinstance(norm, nn.BatchNorm1d) and h.dim() > 2:
                 h = norm(h.reshape(-1, h.shape[-1])).reshape(h.shape)
             else:

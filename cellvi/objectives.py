@@ -20,9 +20,12 @@ from torch.distributions import Distribution, kl_divergence
 __all__ = ["log_likelihood", "kl", "elbo", "iwae", "LinearWarmup", "Constant"]
 
 
-def log_likelihood(px: Distribution, x: torch.Tensor) -> torch.Tensor:
+def log_likelihood(px: Distribution, x: torch.Tensor, nonzero=None) -> torch.Tensor:
     """``log p(x|z)`` per cell: sums over features unless ``px`` already treats them as its
-    event (e.g. an ``Independent`` distribution)."""
+    event (e.g. an ``Independent`` distribution). ``nonzero = (rows, cols, values)`` of ``x``
+    lets the count likelihoods spend their ``lgamma``s on the non-zeros only."""
+    if hasattr(px, "log_prob_cells"):
+        return px.log_prob_cells(x, nonzero)
     lp = px.log_prob(x)
     return lp if len(px.event_shape) else lp.sum(-1)
 

@@ -4,7 +4,9 @@ Nothing here knows about AnnData. A mini-batch is a dict of tensors:
 
 - ``"x"``: data, ``(n_cells, n_features)``, dense, on the module's device;
 - ``"covs"``: integer codes of the categorical covariates, ``(n_cells, n_keys)``, or absent;
-- ``"log_library"``: ``(n_cells, 1)`` log library size (count models only).
+- ``"log_library"``: ``(n_cells, 1)`` log library size (count models only);
+- ``"x_nonzero"``: optional ``(rows, cols, values)`` of the non-zeros of ``x`` (on the CPU the
+  count likelihoods then evaluate their ``lgamma`` terms on those entries only).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
+from .nn import SparseRows
 from .objectives import elbo, iwae, log_likelihood
 
 __all__ = ["VAE"]
@@ -38,8 +41,14 @@ class VAE(nn.Module):
         self.log1p_input = log1p_input
 
     def encode(self, batch: dict[str, torch.Tensor]) -> Distribution:
-        x = batch["x"]
-        return self.encoder(torch.log1p(x) if self.log1p_input else x, batch.get("covs"))
+        nz = batch.get("x_nonzero")
+        if nz is not None:  # the encoder's first layer then works on the non-zeros only
+            rows, cols, values = nz
+            x = SparseRows(rows, cols, torch.log1p(values) if self.log1p_input else values,
+                           batch["x"].shape[0])
+        else:
+            x = torch.log1p(batch["x"]) if self.log1p_input else batch["x"]
+        return self.encoder(x, batch.get("covs"))
 
     def decode(self, z: torch.Tensor, batch: dict[str, torch.Tensor]) -> Distribution:
         extra = (batch["log_library"],) if "log_library" in batch else ()
@@ -57,7 +66,7 @@ class VAE(nn.Module):
     def elbo(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
         """Single-sample ELBO per cell."""
         qz, z, px = self(batch)
-        return elbo(log_likelihood(px, batch["x"]), qz, self.prior(), z, beta)
+        return elbo(log_likelihood(px, batch["x"], batch.get("x_nonzero")), qz, self.prior(), z, beta)
 
     def iwae(self, batch: dict[str, torch.Tensor], n_samples: int = 16) -> torch.Tensor:
         """Importance-weighted bound per cell."""

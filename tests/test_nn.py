@@ -44,3 +44,26 @@ def test_bad_settings():
         MLP(3, 4, n_layers=0)
     with pytest.raises(ValueError, match="norm"):
         MLP(3, 4, norm="group")
+
+
+def test_sparse_rows_first_layer_equals_dense():
+    from cellvi.distributions import nonzeros_of
+    from cellvi.nn import SparseRows
+
+    torch.manual_seed(0)
+    x = torch.poisson(torch.rand(9, 30) * 2) * (torch.rand(9, 30) > 0.7)
+    x[4] = 0  # an empty row
+    mlp = MLP(30, 8, n_layers=2, n_cats_per_cov=[2], dropout=0.0).eval()
+    covs = torch.randint(0, 2, (9, 1))
+    rows, cols, vals = nonzeros_of(x)
+    sparse = SparseRows(rows, cols, vals, 9)
+    torch.testing.assert_close(mlp(sparse, covs), mlp(x, covs))
+    # gradients w.r.t. the first layer agree
+    mlp.train()
+    mlp.zero_grad()
+    mlp.eval()
+    mlp(sparse, covs).sum().backward()
+    g_sparse = mlp.linears[0].weight.grad.clone()
+    mlp.zero_grad()
+    mlp(x, covs).sum().backward()
+    torch.testing.assert_close(g_sparse, mlp.linears[0].weight.grad)

@@ -112,3 +112,20 @@ def test_tiny_data_without_validation():
     data = DeviceData.from_arrays(np.ones((10, 3), np.float32), torch.device("cpu"))
     hist = train(_Toy(), data, max_epochs=2, verbose=False)
     assert all(math.isnan(v) for v in hist["validation_elbo"])
+
+
+def test_batches_carry_the_nonzeros_on_cpu():
+    from cellvi.distributions import nonzeros_of
+
+    X = sp.random(50, 20, density=0.2, format="csr", random_state=1, dtype=np.float32)
+    X.data[:3] = 0  # explicitly stored zeros are not non-zeros
+    data = DeviceData.from_arrays(X, torch.device("cpu"))
+    assert data.nonzeros
+    b = data.batch(torch.tensor([4, 1, 30, 7]))
+    expected = nonzeros_of(b["x"])
+    for got, want in zip(b["x_nonzero"], expected, strict=True):
+        torch.testing.assert_close(got, want)
+    dense = DeviceData.from_arrays(X.toarray(), torch.device("cpu"))
+    bd = dense.batch(torch.tensor([4, 1, 30, 7]))
+    for got, want in zip(bd["x_nonzero"], expected, strict=True):
+        torch.testing.assert_close(got, want)
