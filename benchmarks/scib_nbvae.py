@@ -257,6 +257,21 @@ def benchmark_dataset(name: str, seeds: list[int]) -> dict:
                 scib_columns=list(scores.columns))
 
 
+def _git_state() -> dict:
+    """Commit and uncommitted-change flag of the cellvi sources this process imports."""
+    import subprocess
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return dict(head=git("rev-parse", "--short", "HEAD"),
+                cellvi_dirty=bool(git("status", "--porcelain", "--", "cellvi")),
+                time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+
 def _versions() -> dict:
     out = {"python": platform.python_version()}
     for pkg in ("cellvi", "torch", "scvi-tools", "scib-metrics", "harmonypy", "scanpy",
@@ -284,6 +299,11 @@ def write_markdown(res: dict, path: Path) -> None:
     L.append(f"Command: `{res['command']}`  ")
     L.append(f"Date: {res['date']}  ")
     L.append("Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + "  ")
+    g = res.get("git") or {}
+    if g:
+        L.append(f"cellvi code: git {g['head']}"
+                 + (" with uncommitted changes under cellvi/" if g["cellvi_dirty"] else "")
+                 + f", imported once at {g['time']}  ")
     L.append(f"Machine: {res['machine']}\n")
     L.append("Protocol. Raw counts, batch `donor`, label `cell_type`. Same genes for every "
              "method (2,000 seurat_v3 HVGs on counts; **a dataset with <= 2,000 genes keeps all "
@@ -348,7 +368,7 @@ def write_markdown(res: dict, path: Path) -> None:
                  f"{c['control_total']:.3f} (cellvi >= control: **{c['cellvi_ge_control_seed0']}"
                  f"**).")
         if c.get("cellvi_ge_scvi_mean") is not None:
-            L.append(f" Over seeds (mean Total): cellvi {c['cellvi_total_mean']:.3f} vs scVI "
+            L[-1] += (f" Over seeds (mean Total): cellvi {c['cellvi_total_mean']:.3f} vs scVI "
                      f"{c['scvi_total_mean']:.3f} (cellvi >= scVI: **{c['cellvi_ge_scvi_mean']}"
                      f"**).")
         L.append("")
@@ -373,6 +393,8 @@ def main(argv=None) -> None:
     if 0 not in args.seeds:
         args.seeds = [0] + args.seeds
     t_start = time.perf_counter()
+    args.git = _git_state()  # at start: cellvi is imported once, so this is the code measured
+    _import_cellvi()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -405,6 +427,7 @@ def _write(args, argv, results, t_start, out) -> None:
         command="python benchmarks/scib_nbvae.py " + " ".join(shlex.quote(a) for a in cmd_args),
         date=time.strftime("%Y-%m-%d %H:%M %Z"),
         versions=_versions(),
+        git=getattr(args, "git", None),
         machine=f"{platform.platform()}, {os.cpu_count()} CPUs, single-threaded runs",
         threads=dict(OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"],
                      torch_num_threads=torch.get_num_threads()),

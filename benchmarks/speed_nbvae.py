@@ -144,7 +144,7 @@ def child_train_cellvi(args) -> dict:
     assert len(starts) == len(ends) == args.epochs, (len(starts), args.epochs)
     prev_t, prev_c = t_fit, c_fit  # epoch 0 "training" includes fit()'s setup
     train_s, wall_s, cpu_s, val_s = [], [], [], []
-    for (_, ts, cs), (_, te, ce) in zip(starts, ends):
+    for (_, ts, cs), (_, te, ce) in zip(starts, ends, strict=True):
         train_s.append(ts - prev_t)
         cpu_s.append(cs - prev_c)
         val_s.append(te - ts)
@@ -153,7 +153,8 @@ def child_train_cellvi(args) -> dict:
     n_val = int(round(VALIDATION_FRACTION * n))
     n_train = n - n_val
     return _summarise(train_s, wall_s, cpu_s, [n_train] * args.epochs, dict(
-        tool="cellvi", cellvi_file=cellvi.__file__, batch_size=args.batch_size, n_cells=n, n_train=n_train, n_val=n_val,
+        tool="cellvi", cellvi_file=cellvi.__file__, batch_size=args.batch_size, n_cells=n,
+        n_train=n_train, n_val=n_val,
         validation_each_epoch=True, val_s_per_epoch=val_s,
         build_s=t_fit - t0, fit_total_s=t_end - t_fit,
         torch_threads=torch.get_num_threads(),
@@ -207,9 +208,9 @@ def child_train_scvi(args) -> dict:
                 early_stopping=False, callbacks=[timer], **kw)
     t_end = time.perf_counter()
     assert len(timer.start) == len(timer.end) == args.epochs
-    train_s = [lb[0] - s[0] for s, lb in zip(timer.start, timer.last_batch)]
-    cpu_s = [lb[1] - s[1] for s, lb in zip(timer.start, timer.last_batch)]
-    wall_s = [e[0] - s[0] for s, e in zip(timer.start, timer.end)]
+    train_s = [lb[0] - s[0] for s, lb in zip(timer.start, timer.last_batch, strict=True)]
+    cpu_s = [lb[1] - s[1] for s, lb in zip(timer.start, timer.last_batch, strict=True)]
+    wall_s = [e[0] - s[0] for s, e in zip(timer.start, timer.end, strict=True)]
     elbo = model.history.get("elbo_train")
     return _summarise(train_s, wall_s, cpu_s, timer.cells, dict(
         tool="scvi", batch_size=args.batch_size, n_cells=n, n_train=timer.cells[-1],
@@ -293,7 +294,7 @@ def child_profile(args) -> dict:
         s = io.StringIO()
         st = pstats.Stats(prof, stream=s)
         total = st.total_tt
-        for (file, line, func), (cc, nc, tt, ct, _) in sorted(
+        for (file, line, func), (_cc, nc, tt, ct, _) in sorted(
                 st.stats.items(), key=lambda kv: kv[1][2], reverse=True)[:15]:
             rows.append(dict(name=f"{Path(file).name}:{line}({func})", self_ms=tt * 1e3,
                              self_pct=100.0 * tt / total, calls=nc, total_ms=ct * 1e3))
@@ -405,7 +406,8 @@ def snapshot_cellvi(workdir: Path) -> dict:
         return r.stdout.strip() if r.returncode == 0 else None
 
     changed = (git("diff", "--name-only", "HEAD", "--", src.name) or "").splitlines()
-    changed += (git("ls-files", "--others", "--exclude-standard", "--", src.name) or "").splitlines()
+    untracked = git("ls-files", "--others", "--exclude-standard", "--", src.name)
+    changed += (untracked or "").splitlines()
     return dict(source=str(src), snapshot=str(dst / "cellvi"), sha256=digest.hexdigest()[:16],
                 git_head=git("rev-parse", "--short", "HEAD"),
                 uncommitted=[c for c in changed if c],
@@ -564,7 +566,8 @@ def summarise(results: dict) -> list[dict]:
             rr = [r for r in sel if r["tool"] == tool and r["batch_size"] == bs]
             ratios = [cellvi[r["repeat"]]["train_cells_per_s"] / r["train_cells_per_s"]
                       for r in rr if tool == "scvi" and r["repeat"] in cellvi]
-            cpu_ratios = [(cellvi[r["repeat"]]["train_cells_per_s"] / cellvi[r["repeat"]]["cpu_util"])
+            cpu_ratios = [(cellvi[r["repeat"]]["train_cells_per_s"]
+                           / cellvi[r["repeat"]]["cpu_util"])
                           / (r["train_cells_per_s"] / r["cpu_util"])
                           for r in rr if tool == "scvi" and r["repeat"] in cellvi]
             rows.append(dict(
@@ -629,7 +632,7 @@ def render_md(res: dict) -> str:
              "to an .h5ad file and read by every training process.\n")
     L.append("| cells | genes | non-zeros | non-zero fraction | mean library | batches |")
     L.append("|---:|---:|---:|---:|---:|---|")
-    for n, d in res["data"].items():
+    for d in res["data"].values():
         L.append(f"| {d['n_cells']:,} | {d['n_genes']:,} | {d['nnz']:,} | "
                  f"{d['nonzero_fraction']:.4f} | {d['mean_library']:.0f} | "
                  f"{', '.join(f'{k}: {v}' for k, v in d['batch_counts'].items())} |")
@@ -672,7 +675,8 @@ def render_md(res: dict) -> str:
     L.append("|---:|---:|---|---:|---:|---|---|---:|---|---:|---:|---:|---:|---|---|---|")
     for r in res["summary"]:
         ratio = ("—" if r["ratio_median"] is None else
-                 f"**{r['ratio_median']:.2f}x** ({', '.join(f'{x:.2f}' for x in r['ratio_cellvi_over_this'])})")
+                 f"**{r['ratio_median']:.2f}x** "
+                 f"({', '.join(f'{x:.2f}' for x in r['ratio_cellvi_over_this'])})")
         ratio_cpu = ("—" if r.get("ratio_cpu_median") is None else
                      f"**{r['ratio_cpu_median']:.2f}x** "
                      f"({', '.join(f'{x:.2f}' for x in r['ratio_cpu'])})")
@@ -685,7 +689,8 @@ def render_md(res: dict) -> str:
             f"{', '.join(f'{x:,.0f}' for x in r['train_cells_per_s'])} | {ratio} | "
             f"{r['train_cells_per_cpu_s_median']:,.0f} | {ratio_cpu} | "
             f"{r['train_s_per_epoch_median']:.2f} | {wall} | {r['first_epoch_s_median']:.2f} | "
-            f"{r['fit_total_s_median']:.1f} | {r['cpu_util_median']:.2f}, {r['cpu_util_min']:.2f} | "
+            f"{r['fit_total_s_median']:.1f} | "
+            f"{r['cpu_util_median']:.2f}, {r['cpu_util_min']:.2f} | "
             f"{r['maxrss_mib_median']:,.0f} ({r['maxrss_after_load_mib_median']:,.0f}) | "
             f"{', '.join(str(x) for x in r['loadavg_before'])} |")
     L.append("")
