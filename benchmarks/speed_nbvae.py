@@ -530,7 +530,7 @@ def main() -> None:
                           f"load {la[0]})", flush=True)
 
     print("[speed_nbvae] import times", flush=True)
-    results["imports"] = bench_imports(workdir, args.threads[0], args.import_repeats)
+    results["imports"] = bench_imports(workdir, min(args.threads), args.import_repeats)
     results["imports"]["loadavg"] = loadavg()
 
     if not args.no_profile:
@@ -541,7 +541,7 @@ def main() -> None:
             files[n] = path
         print("[speed_nbvae] profiling one cellvi epoch", flush=True)
         results["profile"] = {
-            prof: run_child("profile", workdir, args.threads[0], h5ad=files[n],
+            prof: run_child("profile", workdir, min(args.threads), h5ad=files[n],
                             batch_size=args.cellvi_batch_size, profiler=prof)
             for prof in ("torch", "cprofile")
         }

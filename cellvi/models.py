@@ -154,8 +154,8 @@ class NBVAE:
         """
         if self._data is None:
             raise RuntimeError(
-                "this model was loaded without training data; create a new model from an "
-                "AnnData to train"
+                "this model holds no training data (it was loaded from disk, or fit() already "
+                "ran and released it); create a new model from an AnnData to train again"
             )
         dev = resolve_device(device)
         self.module = self._build(seed).to(dev)

@@ -58,7 +58,7 @@ def test_save_load_round_trip(trained, sim_adata, tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         trained.save(tmp_path / "m")
     trained.save(tmp_path / "m", overwrite=True)
-    with pytest.raises(RuntimeError, match="without training data"):
+    with pytest.raises(RuntimeError, match="no training data"):
         loaded.fit()
 
 
