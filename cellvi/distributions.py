@@ -73,6 +73,32 @@ def _nb_lgamma_nz(v: torch.Tensor, theta_nz: torch.Tensor) -> torch.Tensor:
     return torch.lgamma(v + theta_nz) - torch.lgamma(theta_nz) - const
 
 
+class _NBCore(torch.autograd.Function):
+    """``x * s - (theta + x) * softplus(s)`` with ``s = log_mu - log(theta)``, elementwise.
+
+    This is ``log NB(x; mu, theta)`` without its ``lgamma`` terms. The hand-written gradient
+    (``d/ds = x - (theta + x) * sigmoid(s)``) takes about half the passes over the dense
+    cells x genes block that autograd's graph of the same expression takes.
+    """
+
+    @staticmethod
+    def forward(ctx, x, log_mu, theta):
+        s = log_mu - torch.log(theta)
+        sp = F.softplus(s)
+        theta_x = theta + x
+        ctx.save_for_backward(x, s, sp, theta, theta_x)
+        return x * s - theta_x * sp
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, sp, theta, theta_x = ctx.saved_tensors
+        g_s = grad * (x - theta_x * torch.sigmoid(s))
+        grad_theta = None
+        if ctx.needs_input_grad[2]:
+            grad_theta = (-(grad * sp)).sum_to_size(theta.shape) - g_s.sum_to_size(theta.shape) / theta
+        return None, g_s if ctx.needs_input_grad[1] else None, grad_theta
+
+
 class _CountDistribution(Distribution):
     support = constraints.nonnegative_integer
     has_rsample = False
@@ -148,11 +174,9 @@ class NegativeBinomial(_CountDistribution):
         return mu + mu.pow(2) / self.theta
 
     def _log_nb_dense(self, value: torch.Tensor) -> torch.Tensor:
-        # theta*log(theta) - (theta + x) * log(theta + mu) + x * log(mu); log(theta + mu) is
-        # computed stably from log_mu and log_theta.
-        log_theta = torch.log(self.theta)
-        log_theta_mu = torch.logaddexp(log_theta, self.log_mu)
-        return self.theta * (log_theta - log_theta_mu) + value * (self.log_mu - log_theta_mu)
+        # theta*log(theta) - (theta + x)*log(theta + mu) + x*log(mu)
+        #   = x*s - (theta + x)*softplus(s),  s = log(mu) - log(theta)
+        return _NBCore.apply(value, self.log_mu, self.theta)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return self._log_nb_dense(value) + sparse_lgamma_terms(value, self.theta)

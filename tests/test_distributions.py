@@ -125,3 +125,17 @@ def test_per_cell_sums_from_nonzeros_match_dense(which, theta_shape):
     make(a).log_prob_cells(x, nonzeros_of(x)).sum().backward()
     make(b).log_prob(x).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("theta_shape", [(6,), (1, 6), (4, 6)])
+def test_nb_core_gradcheck(theta_shape):
+    from cellvi.distributions import _NBCore
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(4, 6, generator=g, dtype=torch.float64) * 5)
+    log_mu = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    theta = (torch.rand(theta_shape, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda m, t: _NBCore.apply(x, m, t), (log_mu, theta))
+    # broadcasting over a leading sample dimension (IWAE)
+    stacked = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda m, t: _NBCore.apply(x, m, t), (stacked, theta))
