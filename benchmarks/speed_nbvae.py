@@ -30,9 +30,16 @@ Usage::
     python benchmarks/speed_nbvae.py [--sizes 10000 50000] [--epochs 5] [--threads 1]
                                      [--repeats 3] [--out benchmarks/results]
 
-``--threads 1 2`` also runs a 2-thread block; that block is skipped (and said so) when the
-1-minute load average is >= 0.5 when it would start, because torch with 2 threads on a
-2-core machine that is busy elsewhere becomes many times slower (``--force-threads`` overrides).
+``--threads 2 1`` also runs a 2-thread block (blocks run in the order given; put 2 first, so
+that it starts on a quiet machine); a block with more than one thread is skipped (and said so)
+when the 1-minute load average is >= 0.5 when it would start, because torch with 2 threads on
+a 2-core machine that is busy elsewhere becomes many times slower (``--force-threads``
+overrides). Import times and the profile use the smallest thread count given.
+
+The cellvi package is copied into the scratch folder at the start and every child imports that
+copy, so edits to the working tree during a run cannot mix code versions; the markdown records
+the git commit and whether the tree had uncommitted changes. ``--render RESULTS.json`` rewrites
+the markdown from a results JSON without running anything.
 """
 
 from __future__ import annotations
