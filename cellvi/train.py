@@ -147,7 +147,7 @@ def default_max_epochs(n_obs: int, batch_size: int = 512, target_steps: int = 60
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, data: DeviceData, idx: torch.Tensor, batch_size: int = 4096) -> float:
+def evaluate(module: nn.Module, data: DeviceData, idx: torch.Tensor, batch_size: int = 1024) -> float:
     """Mean ELBO (β = 1) per cell over the cells ``idx``, in eval mode."""
     was_training = module.training
     module.eval()
@@ -196,7 +196,9 @@ def train(
         verbose: show a progress bar (also off when stderr is not a terminal).
 
     Returns:
-        The history: ``{"epoch", "train_elbo", "validation_elbo", "beta"}`` lists.
+        The history: ``{"epoch", "train_elbo", "validation_elbo", "beta"}`` lists. The
+        training ELBO is the mini-batch average of the objective actually optimised (β-weighted
+        during the warm-up); the validation ELBO always uses β = 1.
 
     Raises:
         TrainingDiverged: when the loss becomes NaN or infinite.
