@@ -96,7 +96,7 @@ def check_finite(X, where: str) -> None:
         )
 
 
-def check_counts(X, where: str, layer: str | None) -> None:
+def check_counts(X, where: str) -> None:
     """Non-negative integers, no empty cells (error); empty genes (warning)."""
     vals = _values(X)
     if (vals < 0).any():
@@ -210,7 +210,7 @@ def prepare_counts(
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     if check:
         check_finite(X, where)
-        check_counts(X, where, layer)
+        check_counts(X, where)
     keys = as_batch_keys(batch_key)
     covs, cats = encode_covariates(adata, keys, categories)
     totals = np.asarray(X.sum(axis=1), dtype=np.float64).reshape(-1, 1)

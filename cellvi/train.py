@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._settings import resolve_device, seeded
+from ._settings import seeded
 from .objectives import LinearWarmup
 
 logger = logging.getLogger("cellvi")
