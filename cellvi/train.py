@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._settings import seeded
+from .distributions import nonzeros_of
 from .objectives import LinearWarmup
 
 logger = logging.getLogger("cellvi")
@@ -61,10 +62,7 @@ class DeviceMatrix:
         """
         if not self.sparse:
             out = self.dense[idx.to(self.device, non_blocking=True)]
-            if with_nonzeros:
-                rows, cols = torch.nonzero(out, as_tuple=True)
-                return out, (rows, cols, out[rows, cols])
-            return out
+            return (out, nonzeros_of(out)) if with_nonzeros else out
         if idx.device.type == "cpu":
             total = int(self._row_nnz[idx].sum())
             idx = idx.to(self.device, non_blocking=True)
