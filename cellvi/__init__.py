@@ -3,8 +3,10 @@
 The public namespaces are imported lazily so that ``import cellvi`` stays fast and does not
 pull in scanpy, pyro or umap:
 
-- :mod:`cellvi.tl` -- scanpy-style entry points (``cellvi.tl.nbvae``)
-- :mod:`cellvi.models` -- model classes (``cellvi.models.NBVAE``)
+- :mod:`cellvi.tl` -- scanpy-style entry points (``cellvi.tl.nbvae``, ``cellvi.tl.gmvae``)
+- :mod:`cellvi.pp` -- cytometry preprocessing (compensation, arcsinh, logicle)
+- :mod:`cellvi.io` -- FCS reading
+- :mod:`cellvi.models` -- model classes (``cellvi.models.NBVAE``, ``cellvi.models.GMVAE``)
 - :mod:`cellvi.datasets` -- data registry and simulators
 - :mod:`cellvi.metrics` -- clustering and batch-mixing metrics
 - :mod:`cellvi.distributions`, :mod:`cellvi.nn`, :mod:`cellvi.priors`,
@@ -22,10 +24,12 @@ _SUBMODULES = (
     "data",
     "datasets",
     "distributions",
+    "io",
     "metrics",
     "models",
     "nn",
     "objectives",
+    "pp",
     "priors",
     "settings",
     "tl",

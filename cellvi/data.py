@@ -18,7 +18,7 @@ from anndata import AnnData
 
 logger = logging.getLogger("cellvi")
 
-__all__ = ["CountData", "get_matrix", "check_finite", "check_counts", "encode_covariates",
+__all__ = ["CountData", "ContinuousData", "prepare_continuous", "get_matrix", "check_finite", "check_counts", "encode_covariates",
            "prepare_counts", "check_writable", "as_batch_keys"]
 
 
@@ -244,3 +244,150 @@ def check_writable(adata: AnnData, copy: bool) -> None:
             "adata is a view of another AnnData; writing results would silently make it a "
             "copy. Pass copy=True, or make it an actual object first: adata = adata.copy()"
         )
+
+
+@dataclass
+class ContinuousData:
+    """Arrays a continuous-marker (cytometry) model needs.
+
+    Attributes:
+        X: ``float32`` dense, cells x markers, in the input's units.
+        covs, batch_keys, categories: as in :class:`CountData`.
+        var_names: the markers used.
+    """
+
+    X: np.ndarray
+    covs: np.ndarray | None
+    batch_keys: list[str]
+    categories: dict[str, list[str]]
+    var_names: list[str]
+
+
+#: a 99.9th percentile above this marks a channel as untransformed (raw intensities)
+UNTRANSFORMED_LIMIT = 1500.0
+
+
+def select_markers(adata: AnnData, markers: Sequence[str] | None) -> np.ndarray | slice:
+    """Column indexer for ``markers`` (all columns when ``None``), with a clear error."""
+    if markers is None:
+        return slice(None)
+    if isinstance(markers, str):
+        markers = [markers]
+    names = pd.Index(map(str, adata.var_names))
+    missing = [m for m in markers if m not in names]
+    if missing:
+        raise KeyError(
+            f"markers {missing[:10]} are not in adata.var_names (available: {list(names)[:30]})"
+        )
+    if len(set(markers)) != len(markers):
+        raise ValueError("markers has duplicates")
+    return names.get_indexer(list(markers))
+
+
+def prepare_continuous(
+    adata: AnnData,
+    layer: str | None = None,
+    batch_key: str | Sequence[str] | None = None,
+    *,
+    markers: Sequence[str] | None = None,
+    categories: dict[str, list[str]] | None = None,
+    check: bool = True,
+) -> ContinuousData:
+    """Validate ``adata`` and extract the transformed marker matrix of a cytometry model.
+
+    Errors: missing layer or markers, NaN/inf, constant channels. Warnings: channels that
+    look untransformed (raw intensities: suggest :func:`cellvi.pp.arcsinh`), and
+    fluorescence channels whose spillover matrix is in ``adata.uns`` but which were never
+    compensated (suggest :func:`cellvi.pp.compensate`).
+    """
+    X = get_matrix(adata, layer)
+    where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    cols = select_markers(adata, markers)
+    X = X[:, cols]
+    X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+    var_names = list(map(str, adata.var_names[cols]))
+    if check:
+        check_finite(X, where)
+        _check_channels(X, var_names, where)
+        _check_compensated(adata, layer, var_names, where)
+    keys = as_batch_keys(batch_key)
+    covs, cats = encode_covariates(adata, keys, categories)
+    return ContinuousData(X, covs, keys, cats, var_names)
+
+
+def _check_channels(X: np.ndarray, var_names: list[str], where: str) -> None:
+    std = X.std(axis=0)
+    constant = [v for v, s in zip(var_names, std, strict=True) if not s > 0]
+    if constant:
+        raise ValueError(
+            f"channels {constant} of {where} are constant (every cell has the same value) and "
+            "carry no information; leave them out with markers=[...] or "
+            "adata = adata[:, [m for m in adata.var_names if m not in (...)]].copy()"
+        )
+    q = np.quantile(np.abs(X), 0.999, axis=0)
+    raw = [v for v, qq in zip(var_names, q, strict=True) if qq > UNTRANSFORMED_LIMIT]
+    if raw:
+        warnings.warn(
+            f"channels {raw[:10]} of {where} look untransformed (99.9th percentile up to "
+            f"{q.max():.3g}): cytometry models expect arcsinh- or logicle-transformed values. "
+            "Use cellvi.pp.arcsinh(adata, cofactor=5) for mass cytometry, cofactor=150 for "
+            "flow, or cellvi.pp.logicle(adata), and pass the result's layer",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def spillover_channels(adata: AnnData) -> list[str]:
+    """Channel names covered by a spillover matrix stored in ``adata.uns`` (may be empty)."""
+    spill = adata.uns.get("spillover")
+    if isinstance(spill, pd.DataFrame):
+        return list(map(str, spill.columns))
+    if isinstance(spill, dict):
+        if "channels" in spill:
+            return list(map(str, spill["channels"]))
+        names = []  # one per sample
+        for value in spill.values():
+            if isinstance(value, dict) and "channels" in value:
+                names += [str(c) for c in value["channels"] if str(c) not in names]
+        return names
+    text = adata.uns.get("spillover_text")
+    if isinstance(text, str) and text.strip():
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            n = int(float(parts[0]))
+        except ValueError:
+            return []
+        return parts[1 : 1 + n]
+    return []
+
+
+def compensated_layers(adata: AnnData) -> set:
+    """Layers (``None`` = X) that :func:`cellvi.pp.compensate` produced or derived from."""
+    log = adata.uns.get("cellvi_preprocessing", {})
+    out = set()
+    if isinstance(log, dict):
+        for entry in np.atleast_1d(log.get("compensated_layers", [])):
+            out.add(None if entry in ("X", None) else str(entry))
+    return out
+
+
+def _check_compensated(adata: AnnData, layer: str | None, var_names: list[str], where: str) -> None:
+    channels = set(spillover_channels(adata))
+    if not channels:
+        return
+    names = set(var_names)
+    if "channel" in adata.var:
+        names |= {str(adata.var["channel"].get(v, v)) for v in var_names}
+    used = sorted(channels & names)
+    if not used:
+        return
+    if layer in compensated_layers(adata) or (layer is not None and "comp" in layer.lower()):
+        return
+    warnings.warn(
+        f"{where} has fluorescence channels {used[:10]} whose spillover matrix is in "
+        "adata.uns, but they were never compensated: uncompensated fluorescence gives wrong "
+        "populations. Run cellvi.pp.compensate(adata) (then a transform) and pass the "
+        "resulting layer",
+        UserWarning,
+        stacklevel=3,
+    )

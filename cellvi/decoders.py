@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributions import Independent, Normal, StudentT
 
 from .distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
 from .nn import MLP, CovariateEmbedding
 
-__all__ = ["CountDecoder", "LIKELIHOODS", "DISPERSIONS"]
+__all__ = ["CountDecoder", "ContinuousDecoder", "LIKELIHOODS", "CONTINUOUS_LIKELIHOODS", "DISPERSIONS"]
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
+CONTINUOUS_LIKELIHOODS = ("normal", "studentt")
 
 
 class CountDecoder(nn.Module):
@@ -92,3 +95,64 @@ class CountDecoder(nn.Module):
         if self.likelihood == "zinb":
             return ZeroInflatedNegativeBinomial(log_mu, theta, self.gate(h))
         return NegativeBinomial(log_mu, theta)
+
+
+class ContinuousDecoder(nn.Module):
+    """Decoder for continuous markers (cytometry): ``p(x | z, s) = N(μ_θ(z, s), diag σ_θ²(z, s))``
+    or, for outlier-rich data, a Student-t with the same location and scale and one learned
+    degrees-of-freedom per marker.
+
+    The batch enters the trunk (so its effect may depend on the cell state) and also as a
+    per-marker additive offset on the mean, which explains a plain shift between batches
+    without any help from ``z``.
+
+    Args:
+        n_latent: latent dimension.
+        n_features: number of markers.
+        likelihood: ``"normal"`` or ``"studentt"``.
+        n_cats_per_cov: categorical covariates entering the decoder.
+        min_scale: floor on the predicted standard deviation.
+    """
+
+    def __init__(
+        self,
+        n_latent: int,
+        n_features: int,
+        *,
+        likelihood: str = "normal",
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        n_cats_per_cov: Sequence[int] = (),
+        dropout: float = 0.0,
+        norm: str | None = "batch",
+        min_scale: float = 1e-3,
+    ):
+        super().__init__()
+        if likelihood not in CONTINUOUS_LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {CONTINUOUS_LIKELIHOODS}, got {likelihood!r}")
+        self.likelihood = likelihood
+        self.min_scale = min_scale
+        self.trunk = MLP(n_latent, n_hidden, n_layers, n_cats_per_cov, dropout, norm)
+        self.loc = nn.Linear(n_hidden, n_features)
+        self.raw_scale = nn.Linear(n_hidden, n_features)
+        self.batch_offset = CovariateEmbedding(n_cats_per_cov, n_features)
+        if likelihood == "studentt":
+            self.log_df = nn.Parameter(torch.full((n_features,), 1.5))  # df = 1 + exp(.) ~ 5.5
+
+    @torch.no_grad()
+    def init_batch_offsets(self, offsets) -> None:
+        """Start the per-batch mean offsets at given per-marker shifts."""
+        for emb, values in zip(self.batch_offset.embeddings, offsets, strict=True):
+            emb.weight.copy_(torch.as_tensor(values, dtype=emb.weight.dtype))
+
+    def mean(self, z: torch.Tensor, covs: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoised marker values ``μ_θ(z, s)``."""
+        return self.loc(self.trunk(z, covs)) + self.batch_offset(covs)
+
+    def forward(self, z: torch.Tensor, covs: torch.Tensor | None = None) -> Independent:
+        h = self.trunk(z, covs)
+        loc = self.loc(h) + self.batch_offset(covs)
+        scale = F.softplus(self.raw_scale(h)) + self.min_scale
+        if self.likelihood == "studentt":
+            return Independent(StudentT(1.0 + self.log_df.exp(), loc, scale), 1)
+        return Independent(Normal(loc, scale), 1)

@@ -15,21 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 
 from . import __version__
 from ._settings import resolve_device, seeded
-from .data import CountData, as_batch_keys, check_var_names, encode_covariates, prepare_counts
-from .decoders import CountDecoder
+from .data import (
+    ContinuousData,
+    CountData,
+    as_batch_keys,
+    check_finite,
+    check_var_names,
+    encode_covariates,
+    prepare_continuous,
+    prepare_counts,
+    select_markers,
+)
+from .decoders import ContinuousDecoder, CountDecoder
 from .posteriors import GaussianEncoder
-from .priors import StandardNormal
-from .train import DeviceData, train
-from .vae import VAE
+from .priors import MixturePrior, StandardNormal
+from .objectives import Constant
+from .train import DeviceData, DeviceMatrix, default_max_epochs, train
+from .vae import VAE, MixtureVAE
 
 logger = logging.getLogger("cellvi")
 
-__all__ = ["NBVAE"]
+__all__ = ["NBVAE", "GMVAE"]
 
 _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
@@ -58,7 +70,134 @@ def batch_log_ratios(data: CountData, pseudo: float = 1e-6) -> list[np.ndarray]:
     return out
 
 
-class NBVAE:
+class _Model:
+    """What every cellvi model shares: fit on the AnnData given at construction, latent
+    means for any AnnData with the same features, safe save/load, a readable repr.
+
+    Subclasses set ``settings``, ``var_names``, ``categories`` and ``_data`` in ``__init__``
+    and define ``_build(seed)`` (the :class:`cellvi.vae.VAE` module), ``_device_data(arrays,
+    device)`` and ``_prepare(adata)``.
+    """
+
+    #: keys of ``config.json`` beyond the common ones, restored as attributes by :meth:`load`
+    _extra_state: tuple[str, ...] = ()
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.history)
+
+    def _require_trained(self) -> None:
+        if not self.is_trained:
+            raise RuntimeError("the model is not trained yet; call model.fit() first")
+
+    def _require_data(self):
+        if self._data is None:
+            raise RuntimeError(
+                "this model holds no training data (it was loaded from disk, or fit() already "
+                "ran and released it); create a new model from an AnnData to train again"
+            )
+        return self._data
+
+    def _batches(self, adata: AnnData, batch_size: int):
+        data = self._device_data(self._prepare(adata), self.device)
+        return data.iter_batches(torch.arange(data.n_obs), batch_size)
+
+    def _train(self, data: DeviceData, *, max_epochs, batch_size, lr, seed, verbose,
+               desc: str | None = None, **train_kwargs):
+        return train(self.module, data, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+                     seed=seed, verbose=verbose, desc=desc or type(self).__name__, **train_kwargs)
+
+    @torch.no_grad()
+    def get_latent(self, adata: AnnData, *, mean: bool = True, seed: int = 0,
+                   batch_size: int = 4096) -> np.ndarray:
+        """Latent representation of the cells of ``adata``.
+
+        Args:
+            mean: posterior means (default) or one sample from q(z|x).
+            seed: seed of the sample when ``mean=False``.
+
+        Returns:
+            ``float32`` array, cells x ``n_latent``.
+        """
+        self._require_trained()
+        self.module.eval()
+        out = []
+        with seeded(seed, self.device):
+            for batch in self._batches(adata, batch_size):
+                qz = self.module.encode(batch)
+                out.append((qz.mean if mean else qz.sample()).cpu())
+        return torch.cat(out).numpy().astype(np.float32)
+
+    # -- persistence --------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Save weights (safetensors) and settings/features/categories (JSON) to folder ``path``."""
+        from safetensors.torch import save_file
+
+        self._require_trained()
+        path = Path(path)
+        if (path / _WEIGHTS).exists() and not overwrite:
+            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(state, str(path / _WEIGHTS))
+        config = dict(model=type(self).__name__, cellvi_version=__version__, settings=self.settings,
+                      train_settings=self.train_settings, var_names=self.var_names,
+                      categories=self.categories, history=self.history,
+                      **{k: getattr(self, k) for k in self._extra_state})
+        (path / _CONFIG).write_text(json.dumps(config, indent=1, default=_json_default))
+
+    @classmethod
+    def load(cls, path: str | Path, adata: AnnData | None = None, *,
+             device: str | torch.device = "auto"):
+        """Load a model saved with :meth:`save`.
+
+        Args:
+            adata: if given, checked against the model's features and batch categories
+                (a clear error says which differ).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / _CONFIG).exists() or not (path / _WEIGHTS).exists():
+            raise FileNotFoundError(f"{path} does not hold a saved cellvi model ({_CONFIG}, {_WEIGHTS})")
+        config = json.loads((path / _CONFIG).read_text())
+        if config.get("model") != cls.__name__:
+            raise ValueError(f"{path} holds a {config.get('model')} model, not {cls.__name__}")
+        self = cls.__new__(cls)
+        self.settings = config["settings"]
+        self.train_settings = config.get("train_settings", {})
+        self.var_names = config["var_names"]
+        self.categories = config["categories"]
+        self.history = config["history"]
+        for key in self._extra_state:
+            setattr(self, key, config[key])
+        self._data = None
+        self.device = resolve_device(device)
+        self.module = self._build()
+        self.module.load_state_dict(load_file(str(path / _WEIGHTS)))
+        self.module.to(self.device).eval()
+        if adata is not None:
+            self._check_features(adata)
+            keys = as_batch_keys(self.settings["batch_keys"])
+            encode_covariates(adata, keys, self.categories)
+        return self
+
+    def _check_features(self, adata: AnnData) -> None:
+        check_var_names(adata, self.var_names)
+
+    def _state(self) -> str:
+        return f"trained {len(self.history.get('epoch', []))} epochs" if self.is_trained else "untrained"
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+class NBVAE(_Model):
     """Negative-binomial VAE for scRNA-seq counts, with batch correction.
 
     ``q(z | x, s)`` is a diagonal Gaussian from an MLP on ``log1p(x)`` and the batch ``s``;
@@ -123,10 +262,6 @@ class NBVAE:
                 decoder.init_batch_offsets(batch_log_ratios(self._data))
             return VAE(encoder, decoder, StandardNormal(s["n_latent"]), log1p_input=True)
 
-    @property
-    def is_trained(self) -> bool:
-        return bool(self.history)
-
     # -- training -----------------------------------------------------------------------
     def fit(
         self,
@@ -152,19 +287,13 @@ class NBVAE:
             **train_kwargs: further arguments of :func:`cellvi.train.train`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
-        if self._data is None:
-            raise RuntimeError(
-                "this model holds no training data (it was loaded from disk, or fit() already "
-                "ran and released it); create a new model from an AnnData to train again"
-            )
+        d = self._require_data()
         dev = resolve_device(device)
         self.module = self._build(seed).to(dev)
         self.device = dev
-        d = self._data
-        data = DeviceData.from_arrays(d.X, dev, covs=d.covs, log_library=d.log_library)
-        self.history = train(self.module, data, max_epochs=max_epochs, batch_size=batch_size,
-                             lr=lr, seed=seed, verbose=verbose, desc=type(self).__name__,
-                             **train_kwargs)
+        self.history = self._train(self._device_data(d, dev), max_epochs=max_epochs,
+                                   batch_size=batch_size, lr=lr, seed=seed, verbose=verbose,
+                                   **train_kwargs)
         self.train_settings = dict(max_epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed,
                                    device=str(dev), epochs_trained=len(self.history["epoch"]),
                                    **train_kwargs)
@@ -172,41 +301,14 @@ class NBVAE:
         return self
 
     # -- inference ----------------------------------------------------------------------
-    def _require_trained(self) -> None:
-        if not self.is_trained:
-            raise RuntimeError("the model is not trained yet; call model.fit() first")
+    @staticmethod
+    def _device_data(d: CountData, device: torch.device) -> DeviceData:
+        return DeviceData.from_arrays(d.X, device, covs=d.covs, log_library=d.log_library)
 
     def _prepare(self, adata: AnnData) -> CountData:
         check_var_names(adata, self.var_names)
         return prepare_counts(adata, self.settings["layer"], self.settings["batch_keys"] or None,
                               categories=self.categories, check=False)
-
-    def _batches(self, adata: AnnData, batch_size: int):
-        d = self._prepare(adata)
-        data = DeviceData.from_arrays(d.X, self.device, covs=d.covs, log_library=d.log_library)
-        idx = torch.arange(data.n_obs)
-        return data.iter_batches(idx, batch_size)
-
-    @torch.no_grad()
-    def get_latent(self, adata: AnnData, *, mean: bool = True, seed: int = 0,
-                   batch_size: int = 4096) -> np.ndarray:
-        """Latent representation of the cells of ``adata``.
-
-        Args:
-            mean: posterior means (default) or one sample from q(z|x).
-            seed: seed of the sample when ``mean=False``.
-
-        Returns:
-            ``float32`` array, cells x ``n_latent``.
-        """
-        self._require_trained()
-        self.module.eval()
-        out = []
-        with seeded(seed, self.device):
-            for batch in self._batches(adata, batch_size):
-                qz = self.module.encode(batch)
-                out.append((qz.mean if mean else qz.sample()).cpu())
-        return torch.cat(out).numpy().astype(np.float32)
 
     @torch.no_grad()
     def get_normalized_expression(
@@ -260,59 +362,415 @@ class NBVAE:
             codes[keys.index(key)] = cats.index(str(cat))
         return codes
 
-    # -- persistence --------------------------------------------------------------------
-    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Save weights (safetensors) and settings/genes/categories (JSON) to folder ``path``."""
-        from safetensors.torch import save_file
+    def __repr__(self) -> str:
+        s = self.settings
+        return (f"NBVAE({len(self.var_names)} genes, n_latent={s['n_latent']}, "
+                f"likelihood={s['likelihood']!r}, batch_keys={s['batch_keys']}, {self._state()})")
 
-        self._require_trained()
-        path = Path(path)
-        if (path / _WEIGHTS).exists() and not overwrite:
-            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True")
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        save_file(state, str(path / _WEIGHTS))
-        config = dict(model=type(self).__name__, cellvi_version=__version__, settings=self.settings,
-                      train_settings=self.train_settings, var_names=self.var_names,
-                      categories=self.categories, history=self.history)
-        (path / _CONFIG).write_text(json.dumps(config, indent=1, default=str))
 
-    @classmethod
-    def load(cls, path: str | Path, adata: AnnData | None = None, *,
-             device: str | torch.device = "auto") -> NBVAE:
-        """Load a model saved with :meth:`save`.
+#: ``n_components=None`` (population discovery) starts from this many components
+DISCOVERY_COMPONENTS = 30
+
+
+class GMVAE(_Model):
+    """Gaussian-mixture-prior VAE for cytometry: population discovery with batch correction.
+
+    The model: ``p(c) = Cat(π)``, ``p(z | c) = N(μ_c, diag σ_c²)``, ``p(x | z, s) =
+    N(μ_θ(z, s), diag σ_θ²(z, s))`` (or Student-t), with an amortized ``q(z | x, s)`` and the
+    cluster posterior ``q(c | x)`` given by the prior's responsibilities at the encoded ``z``
+    (VaDE; ``c`` is summed out exactly in the ELBO). The batch ``s`` enters encoder and
+    decoder, so clusters are shared across batches and the latent is batch-corrected.
+
+    Markers are standardised (per-marker centre and scale of the training data, stored
+    with the model) before they enter the network.
+
+    Training has two phases: a short warm-up with a standard normal prior, after which the
+    mixture is initialised from a diagonal GMM fitted to the warm-up latent (so no component
+    starts empty); then the full model. With ``n_components=None`` it starts from
+    ``DISCOVERY_COMPONENTS`` components under a sparse Dirichlet prior on ``π`` and prunes
+    components whose weight falls below ``prune_threshold`` after each epoch: the number
+    of populations is found, not given.
+
+    Args:
+        adata: cells x channels with **transformed** marker values (arcsinh / logicle).
+        layer: layer to read (``None``: ``adata.X``).
+        markers: channels to use (default all); leave out scatter, time and unused channels.
+        batch_key: obs key(s) of categorical batch covariates (e.g. sample or batch).
+        n_components: ``None`` for discovery, or the exact number of clusters ``K``.
+        n_latent: latent dimension.
+        likelihood: ``"normal"`` or ``"studentt"`` (robust to outliers).
+        prune: prune small components (default: only when ``n_components=None``).
+        sparsity: sparse Dirichlet strength (see :class:`cellvi.priors.MixturePrior`);
+            default ``0.002`` when pruning, else none.
+        prune_threshold: weight below which a component is switched off (default ``0.002``).
+        merge_threshold: discovery only: components whose responsibilities overlap by more
+            than this (entropy drop per cell, see :func:`merge_components`) are merged into
+            one cluster after training, followed by a short fine-tune; ``0`` disables.
+        overcluster: with ``n_components=K``, train first with about ``3K`` components (at
+            most 30), merge them down to exactly ``K`` the same way, then fine-tune; this finds
+            better optima than starting from ``K``. ``False`` trains ``K`` components throughout.
+        n_hidden, n_layers, dropout, norm: network settings.
+
+    Example:
+        >>> model = cellvi.models.GMVAE(adata, layer="logicle", markers=markers)
+        >>> model.fit()
+        >>> labels, probs = model.predict(other_sample)
+    """
+
+    _extra_state = ("center", "scale", "cluster_order")
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        markers: Sequence[str] | None = None,
+        batch_key: str | Sequence[str] | None = None,
+        n_components: int | None = None,
+        n_latent: int = 10,
+        likelihood: str = "normal",
+        prune: bool | None = None,
+        sparsity: float | None = None,
+        prune_threshold: float | None = None,
+        merge_threshold: float = 0.1,
+        overcluster: bool = True,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        dropout: float = 0.0,
+        norm: str | None = "batch",
+    ):
+        if likelihood not in ("normal", "studentt"):
+            raise ValueError(f"likelihood must be 'normal' or 'studentt', got {likelihood!r}")
+        data = prepare_continuous(adata, layer, batch_key, markers=markers)
+        n_obs = data.X.shape[0]
+        if n_components is not None:
+            if int(n_components) < 1:
+                raise ValueError(f"n_components must be a positive integer or None, got {n_components}")
+            if int(n_components) > n_obs:
+                raise ValueError(
+                    f"n_components={n_components} is larger than the number of cells ({n_obs}); "
+                    "use fewer components, or n_components=None to let the model find them"
+                )
+        if n_components is None:  # discovery: an upper bound, pruned and merged down
+            k = n_start = min(DISCOVERY_COMPONENTS, max(1, n_obs // 20))
+        else:  # K given: over-cluster, then merge down to exactly K before a fine-tune
+            k = int(n_components)
+            n_start = max(k, min(max(3 * k, k + 4), DISCOVERY_COMPONENTS, n_obs // 20))
+            if not overcluster:
+                n_start = k
+        prune = (n_components is None) if prune is None else bool(prune)
+        if sparsity is None and prune:
+            sparsity = 0.005
+        if prune_threshold is None:
+            prune_threshold = 0.002
+        self.settings: dict[str, Any] = dict(
+            layer=layer, batch_keys=data.batch_keys, n_components=k, n_start=n_start,
+            discover=n_components is None, n_latent=int(n_latent), likelihood=likelihood,
+            prune=prune, sparsity=sparsity, prune_threshold=float(prune_threshold),
+            merge_threshold=float(merge_threshold),
+            n_hidden=int(n_hidden), n_layers=int(n_layers), dropout=float(dropout), norm=norm,
+        )
+        self.var_names = data.var_names
+        self.categories = data.categories
+        self.center = data.X.mean(0).astype(float).tolist()
+        self.scale = data.X.std(0).astype(float).tolist()
+        self.cluster_order: list[int] = []
+        self.history: dict[str, list[float]] = {}
+        self.train_settings: dict[str, Any] = {}
+        self.device = torch.device("cpu")
+        self._data: ContinuousData | None = data
+        self.module = self._build()
+
+    # -- construction -------------------------------------------------------------------
+    def _build(self, seed: int = 0) -> MixtureVAE:
+        s = self.settings
+        n_cats = [len(self.categories[k]) for k in s["batch_keys"]]
+        n_features = len(self.var_names)
+        with seeded(seed):
+            encoder = GaussianEncoder(n_features, s["n_latent"], n_hidden=s["n_hidden"],
+                                      n_layers=s["n_layers"], n_cats_per_cov=n_cats,
+                                      dropout=s["dropout"], norm=s["norm"])
+            decoder = ContinuousDecoder(s["n_latent"], n_features, likelihood=s["likelihood"],
+                                        n_hidden=s["n_hidden"], n_layers=s["n_layers"],
+                                        n_cats_per_cov=n_cats, norm=s["norm"])
+            if self._data is not None and n_cats:
+                decoder.init_batch_offsets(self._batch_shifts(self._data))
+            prior = MixturePrior(s["n_latent"], s["n_start"], sparsity=s["sparsity"])
+            return MixtureVAE(encoder, decoder, prior, log1p_input=False)
+
+    def _standardize(self, X: np.ndarray) -> np.ndarray:
+        return ((X - np.asarray(self.center, dtype=np.float32))
+                / np.asarray(self.scale, dtype=np.float32)).astype(np.float32)
+
+    def _batch_shifts(self, d: ContinuousData) -> list[np.ndarray]:
+        """Per batch category, its mean standardised marker values (the pooled mean is 0)."""
+        Xs = self._standardize(d.X)
+        out = []
+        for j, key in enumerate(d.batch_keys):
+            n_cat = len(d.categories[key])
+            sums = np.zeros((n_cat, Xs.shape[1]))
+            np.add.at(sums, d.covs[:, j], Xs)
+            counts = np.bincount(d.covs[:, j], minlength=n_cat)[:, None]
+            out.append((sums / np.maximum(counts, 1) / len(d.batch_keys)).astype(np.float32))
+        return out
+
+    def _device_data(self, d: ContinuousData, device: torch.device) -> DeviceData:
+        obs = {} if d.covs is None else {"covs": torch.as_tensor(d.covs, device=device)}
+        return DeviceData(DeviceMatrix(self._standardize(d.X), device), obs, nonzeros=False)
+
+    def _prepare(self, adata: AnnData) -> ContinuousData:
+        d = prepare_continuous(adata, self.settings["layer"], self.settings["batch_keys"] or None,
+                               markers=self.var_names, categories=self.categories, check=False)
+        check_finite(d.X, "the input")
+        return d
+
+    def _check_features(self, adata: AnnData) -> None:
+        select_markers(adata, self.var_names)
+
+    # -- training -----------------------------------------------------------------------
+    def fit(
+        self,
+        *,
+        max_epochs: int | None = None,
+        warmup_epochs: int | None = None,
+        warmup_beta: float = 0.01,
+        init: str = "latent",
+        n_init: int = 3,
+        batch_size: int = 512,
+        lr: float = 1e-3,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        verbose: bool = True,
+        **train_kwargs: Any,
+    ) -> GMVAE:
+        """Train: a warm-up with a standard normal prior, GMM initialisation of the mixture on
+        the warm-up latent, then the full model (with pruning when enabled).
 
         Args:
-            adata: if given, checked against the model's genes and batch categories
-                (a clear error says which differ).
+            max_epochs: epochs of the main phase; ``None`` picks about 3,000 steps (10..300
+                epochs); early stopping on a 10% validation split usually ends sooner.
+            warmup_epochs: epochs of the warm-up (``None``: about 600 steps).
+            batch_size, lr, seed, device, verbose: as in :meth:`NBVAE.fit`.
+            **train_kwargs: further arguments of :func:`cellvi.train.train`.
         """
-        from safetensors.torch import load_file
+        from sklearn.mixture import GaussianMixture
 
-        path = Path(path)
-        if not (path / _CONFIG).exists() or not (path / _WEIGHTS).exists():
-            raise FileNotFoundError(f"{path} does not hold a saved cellvi model ({_CONFIG}, {_WEIGHTS})")
-        config = json.loads((path / _CONFIG).read_text())
-        if config.get("model") != cls.__name__:
-            raise ValueError(f"{path} holds a {config.get('model')} model, not {cls.__name__}")
-        self = cls.__new__(cls)
-        self.settings = config["settings"]
-        self.train_settings = config.get("train_settings", {})
-        self.var_names = config["var_names"]
-        self.categories = config["categories"]
-        self.history = config["history"]
+        d = self._require_data()
+        s = self.settings
+        dev = resolve_device(device)
+        self.device = dev
+        module = self.module = self._build(seed).to(dev)
+        data = self._device_data(d, dev)
+        n_obs = data.n_obs
+        if warmup_epochs is None:
+            warmup_epochs = default_max_epochs(n_obs, batch_size, target_steps=600, bounds=(3, 60))
+        if max_epochs is None:
+            max_epochs = default_max_epochs(n_obs, batch_size, target_steps=3000, bounds=(10, 300))
+
+        # 1. warm-up with N(0, I): the latent takes shape before the mixture is placed on it
+        mixture = module.prior
+        module.prior = StandardNormal(s["n_latent"]).to(dev)
+        warm = self._train(data, max_epochs=warmup_epochs, batch_size=batch_size, lr=lr,
+                           seed=seed, verbose=verbose, early_stopping=False,
+                           beta_schedule=Constant(warmup_beta), desc="GMVAE warm-up",
+                           **{k: v for k, v in train_kwargs.items() if k == "grad_clip"})
+        module.prior = mixture
+
+        # 2. initialise the components on the warm-up latent, from a GMM fitted either to
+        #    that latent or to the markers; each component starts at its cells' latent moments
+        rng = np.random.default_rng(seed)
+        sub = np.sort(rng.choice(n_obs, size=min(n_obs, 20000), replace=False))
+        z = self._encode_means(data, torch.as_tensor(sub))
+        k = s["n_start"]
+        if init == "markers":
+            xs = self._standardize(d.X[sub])
+            labels = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed,
+                                     n_init=n_init, max_iter=200).fit_predict(xs)
+        else:
+            labels = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed,
+                                     n_init=n_init, max_iter=200).fit_predict(z)
+        mixture.init_from(*_moments(z, labels, k))
+
+        # 3. the full model; pruning after each epoch
+        module.n_obs = n_obs
+        n_active: list[int] = []
+
+        probe = torch.as_tensor(sub[: 10000])
+
+        def on_epoch_end(epoch: int) -> None:
+            # M-step for π on the responsibilities of a fixed probe of cells (Dirichlet MAP)
+            mixture.update_weights(torch.as_tensor(self._responsibilities(data, probe).sum(0)))
+            module.train()
+            if s["prune"]:
+                dropped = mixture.prune(s["prune_threshold"])
+                if dropped:
+                    logger.info("epoch %d: pruned components %s, %d left", epoch, dropped,
+                                mixture.n_active)
+            n_active.append(mixture.n_active)
+
+        main = self._train(data, max_epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed,
+                           verbose=verbose, on_epoch_end=on_epoch_end,
+                           **{"kl_warmup_steps": 0, **train_kwargs})
+        phases = [("warmup", warm), ("mixture", main)]
+
+        # 4. discovery: merge components that share their cells (one population fitted by
+        #    several Gaussians), give each merged group one component, and fine-tune
+        if s["n_start"] > s["n_components"] or (s["discover"] and s["merge_threshold"]):
+            probs = self._responsibilities(data, probe)
+            groups = merge_components(probs, s["merge_threshold"],
+                                      n_groups=None if s["discover"] else s["n_components"])
+            if len(groups) < mixture.n_active:
+                logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
+                z = self._encode_means(data, probe)
+                lut = np.full(k, -1)
+                for gi, members in enumerate(groups):
+                    lut[members] = gi
+                labels = lut[probs.argmax(1)]
+                w, mu, sd = _moments(z, labels, len(groups))
+                mixture.init_from(np.r_[w, np.zeros(k - len(groups))],
+                                  np.r_[mu, np.zeros((k - len(groups), mu.shape[1]))],
+                                  np.r_[sd, np.ones((k - len(groups), mu.shape[1]))])
+                mixture.active[len(groups):] = False
+                tune = self._train(data, max_epochs=max(5, max_epochs // 3), batch_size=batch_size,
+                                   lr=lr, seed=seed + 1, verbose=verbose, on_epoch_end=on_epoch_end,
+                                   desc="GMVAE merged", **{"kl_warmup_steps": 0, **train_kwargs})
+                phases.append(("merged", tune))
+        self.history = _join_histories(phases, [k] * len(warm["epoch"]) + n_active)
+        self.settings["n_clusters"] = mixture.n_active
+        self.train_settings = dict(max_epochs=max_epochs, warmup_epochs=warmup_epochs,
+                                   batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
+                                   epochs_trained=len(self.history["epoch"]), **train_kwargs)
+        # 4. labels "0", "1", ... by size on the training cells
+        probs = self._responsibilities(data, torch.arange(n_obs))
+        sizes = np.bincount(probs.argmax(1), minlength=k)
+        active = mixture.active.cpu().numpy()
+        self.cluster_order = [int(c) for c in sorted(np.flatnonzero(active), key=lambda c: -sizes[c])]
         self._data = None
-        self.device = resolve_device(device)
-        self.module = self._build()
-        self.module.load_state_dict(load_file(str(path / _WEIGHTS)))
-        self.module.to(self.device).eval()
-        if adata is not None:
-            check_var_names(adata, self.var_names)
-            keys = as_batch_keys(self.settings["batch_keys"])
-            encode_covariates(adata, keys, self.categories)
         return self
+
+    @torch.no_grad()
+    def _encode_means(self, data: DeviceData, idx: torch.Tensor, batch_size: int = 4096) -> np.ndarray:
+        self.module.eval()
+        out = [self.module.encode(b).mean.cpu() for b in data.iter_batches(idx, batch_size)]
+        return torch.cat(out).numpy()
+
+    @torch.no_grad()
+    def _responsibilities(self, data: DeviceData, idx: torch.Tensor, batch_size: int = 4096) -> np.ndarray:
+        self.module.eval()
+        out = [self.module.responsibilities(b).cpu() for b in data.iter_batches(idx, batch_size)]
+        return torch.cat(out).numpy()
+
+    # -- inference ----------------------------------------------------------------------
+    @property
+    def n_clusters(self) -> int:
+        """Number of clusters (active components) of the trained model."""
+        self._require_trained()
+        return len(self.cluster_order)
+
+    def predict(self, adata: AnnData, *, batch_size: int = 4096) -> tuple[pd.Categorical, np.ndarray]:
+        """Cluster labels and probabilities for the cells of ``adata`` (e.g. another sample
+        measured with the same panel; its batch categories must be known to the model).
+
+        Returns:
+            ``(labels, probs)``: a categorical of ``"0"``, ``"1"``, ... (clusters ordered by
+            size on the training data) and the ``float32`` cells x clusters responsibilities
+            ``q(c | x)``, columns in label order.
+        """
+        self._require_trained()
+        data = self._device_data(self._prepare(adata), self.device)
+        probs = self._responsibilities(data, torch.arange(data.n_obs), batch_size)
+        probs = probs[:, self.cluster_order].astype(np.float32)
+        probs /= probs.sum(1, keepdims=True)
+        categories = [str(i) for i in range(len(self.cluster_order))]
+        labels = pd.Categorical.from_codes(probs.argmax(1), categories=categories)
+        return labels, probs
+
+    def cluster_parameters(self) -> dict[str, np.ndarray]:
+        """Mixture weights, latent means and scales of the clusters, in label order."""
+        self._require_trained()
+        prior = self.module.prior
+        order = torch.as_tensor(self.cluster_order, dtype=torch.long, device=prior.logits.device)
+        w = prior.weights[order]
+        return dict(weights=(w / w.sum()).detach().cpu().numpy(),
+                    means=prior.loc[order].detach().cpu().numpy(),
+                    scales=prior.scale[order].detach().cpu().numpy())
 
     def __repr__(self) -> str:
         s = self.settings
-        state = f"trained {len(self.history.get('epoch', []))} epochs" if self.is_trained else "untrained"
-        return (f"NBVAE({len(self.var_names)} genes, n_latent={s['n_latent']}, "
-                f"likelihood={s['likelihood']!r}, batch_keys={s['batch_keys']}, {state})")
+        k = f"{self.n_clusters} clusters" if self.is_trained else f"n_components={s['n_components']}"
+        return (f"GMVAE({len(self.var_names)} markers, {k}, n_latent={s['n_latent']}, "
+                f"likelihood={s['likelihood']!r}, batch_keys={s['batch_keys']}, {self._state()})")
+
+
+def merge_components(probs: np.ndarray, threshold: float = 0.0,
+                     n_groups: int | None = None) -> list[list[int]]:
+    """Greedy entropy-based merging of mixture components (Baudry et al. 2010, JCGS 19:332).
+
+    Merging components ``i`` and ``j`` lowers the entropy of the responsibilities by
+    ``Δ_ij = Σ_n [(γ_ni + γ_nj) log(γ_ni + γ_nj) - γ_ni log γ_ni - γ_nj log γ_nj]``: large when
+    many cells are shared between them, as when one population is fitted by several touching
+    Gaussians. Pairs are merged, best first, while ``Δ_ij / min(N_i, N_j)`` (nats per cell of
+    the smaller one) exceeds ``threshold`` -- or, with ``n_groups``, until that many groups
+    are left.
+
+    Args:
+        probs: cells x components responsibilities (columns of switched-off components are 0).
+        threshold: smallest score worth a merge (ignored with ``n_groups``).
+        n_groups: merge down to exactly this many groups.
+
+    Returns:
+        Groups of component indices (each group becomes one cluster), for the columns with
+        any mass.
+    """
+    cols = [c for c in range(probs.shape[1]) if probs[:, c].sum() > 0]
+    groups = [[c] for c in cols]
+    g = probs[:, cols].astype(np.float64)
+
+    def xlogx(a):
+        return np.where(a > 0, a * np.log(np.maximum(a, 1e-300)), 0.0)
+
+    while len(groups) > (n_groups or 1):
+        mass = g.sum(0)
+        h = xlogx(g).sum(0)
+        best, pair = (-np.inf if n_groups else threshold), None
+        for i in range(len(groups)):
+            merged = xlogx(g[:, i : i + 1] + g[:, i + 1 :]).sum(0) - h[i] - h[i + 1 :]
+            score = merged / np.minimum(mass[i], mass[i + 1 :]).clip(1e-12)
+            if len(score) and score.max() > best:
+                best, pair = score.max(), (i, i + 1 + int(score.argmax()))
+        if pair is None:
+            break
+        i, j = pair
+        g[:, i] += g[:, j]
+        g = np.delete(g, j, axis=1)
+        groups[i] += groups.pop(j)
+    return groups
+
+
+def _moments(z: np.ndarray, labels: np.ndarray, k: int):
+    """Weights, means and standard deviations of the groups ``labels`` of ``z`` (an empty
+    group starts at a random cell with the pooled spread and a small weight)."""
+    counts = np.bincount(labels, minlength=k).astype(float)
+    means = np.zeros((k, z.shape[1]))
+    scales = np.tile(z.std(0) + 1e-3, (k, 1))
+    rng = np.random.default_rng(0)
+    for c in range(k):
+        members = z[labels == c]
+        if len(members) >= 2:
+            means[c], scales[c] = members.mean(0), members.std(0) + 1e-3
+        else:
+            means[c] = z[rng.integers(len(z))]
+    weights = np.maximum(counts, 0.5) / max(counts.sum(), 1.0)
+    return weights / weights.sum(), means, scales
+
+
+def _join_histories(phases: list[tuple[str, dict]], n_components: list[int]) -> dict[str, list]:
+    out: dict[str, list] = {key: [] for key in phases[0][1]}
+    out["phase"] = []
+    for name, hist in phases:
+        for key in hist:
+            out[key] += list(hist[key])
+        out["phase"] += [name] * len(hist["epoch"])
+    out["epoch"] = list(range(len(out["epoch"])))
+    out["n_components"] = list(n_components)
+    return out

@@ -1,12 +1,22 @@
-"""Priors p(z) as modules that return :mod:`torch.distributions` objects."""
+"""Priors p(z) as modules that return :mod:`torch.distributions` objects.
+
+- :class:`StandardNormal`: ``p(z) = N(0, I)``.
+- :class:`MixturePrior`: ``p(c) = Cat(π)``, ``p(z | c) = N(μ_c, diag σ_c²)``, with ``c`` summed
+  out exactly (``log p(z) = logsumexp_c [log π_c + log N(z; μ_c, σ_c²)]``), responsibilities
+  ``p(c | z)``, an optional sparse (Dirichlet) prior on ``π`` and pruning of empty components.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from torch.distributions import Independent, Normal
+import math
 
-__all__ = ["StandardNormal"]
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Categorical, Distribution, Independent, Normal, constraints
+
+__all__ = ["StandardNormal", "MixturePrior", "GaussianMixture"]
 
 
 class StandardNormal(nn.Module):
@@ -20,3 +30,153 @@ class StandardNormal(nn.Module):
 
     def forward(self) -> Independent:
         return Independent(Normal(self.loc, self.scale), 1)
+
+
+class GaussianMixture(Distribution):
+    """Mixture of diagonal Gaussians with ``c`` summed out.
+
+    Args:
+        log_weights: ``(K,)`` log mixture weights (``-inf`` for switched-off components).
+        loc, scale: ``(K, D)`` component means and standard deviations.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, log_weights: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                 validate_args: bool | None = False):
+        self.log_weights, self.loc, self.scale = log_weights, loc, scale
+        super().__init__(torch.Size(), torch.Size(loc.shape[-1:]), validate_args=validate_args)
+
+    def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log N(z; μ_c, σ_c²)`` for every component: shape ``(*z.shape[:-1], K)``."""
+        diff = (z.unsqueeze(-2) - self.loc) / self.scale
+        return (-0.5 * diff.pow(2) - self.scale.log()).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+
+    def joint_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log π_c + log N(z; μ_c, σ_c²)``, shape ``(..., K)``."""
+        return self.log_weights + self.component_log_prob(z)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.logsumexp(self.joint_log_prob(z), dim=-1)
+
+    def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """``p(c | z)``, shape ``(..., K)`` (rows sum to one)."""
+        return torch.softmax(self.joint_log_prob(z), dim=-1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.log_weights.exp().unsqueeze(-1) * self.loc).sum(0)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            c = Categorical(logits=self.log_weights).sample(sample_shape)
+            return self.loc[c] + self.scale[c] * torch.randn_like(self.loc[c])
+
+
+class MixturePrior(nn.Module):
+    """Learnable Gaussian-mixture prior for clustering in the latent space.
+
+    ``forward()`` returns a :class:`GaussianMixture`; :meth:`responsibilities` gives
+    ``p(c | z)``, the cluster posterior of VaDE-style models.
+
+    Args:
+        n_latent: latent dimension ``D``.
+        n_components: number of components ``K`` (an upper bound when pruning).
+        sparsity: ``None`` for a flat prior on ``π``; a value ``s > 0`` adds a sparse
+            Dirichlet prior with concentration ``α = 1 - s * n_obs`` (see
+            :meth:`log_prior_weights`): a component whose cells weigh less than about a
+            fraction ``s`` of the data is driven to zero weight and then pruned.
+        min_scale: floor on ``σ_c``.
+
+    Components are never deleted (shapes stay fixed, which keeps saving simple); pruning
+    switches them off through the ``active`` buffer, after which they have weight zero.
+    """
+
+    def __init__(self, n_latent: int, n_components: int, *, sparsity: float | None = None,
+                 min_scale: float = 1e-3):
+        super().__init__()
+        if n_components < 1:
+            raise ValueError(f"n_components must be at least 1, got {n_components}")
+        self.n_latent, self.n_components = int(n_latent), int(n_components)
+        self.sparsity = sparsity
+        self.min_scale = min_scale
+        self.logits = nn.Parameter(torch.zeros(n_components))
+        self.loc = nn.Parameter(torch.randn(n_components, n_latent))
+        self.raw_scale = nn.Parameter(torch.full((n_components, n_latent), _inv_softplus(1.0 - min_scale)))
+        self.register_buffer("active", torch.ones(n_components, dtype=torch.bool))
+
+    # -- parameters ------------------------------------------------------------------
+    @property
+    def scale(self) -> torch.Tensor:
+        return F.softplus(self.raw_scale) + self.min_scale
+
+    @property
+    def log_weights(self) -> torch.Tensor:
+        return torch.log_softmax(self.logits.masked_fill(~self.active, -math.inf), dim=-1)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return self.log_weights.exp()
+
+    @property
+    def n_active(self) -> int:
+        return int(self.active.sum())
+
+    def forward(self) -> GaussianMixture:
+        return GaussianMixture(self.log_weights, self.loc, self.scale)
+
+    def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """Cluster posterior ``p(c | z)``, shape ``(..., K)``; switched-off columns are 0."""
+        return self().responsibilities(z)
+
+    def log_prior_weights(self, n_obs: int) -> torch.Tensor:
+        """``log Dir(π; α)`` up to a constant, with ``α = 1 - sparsity * n_obs`` (0 if no
+        sparsity). Added once per dataset to the log joint; its MAP effect is
+        ``π_c ∝ max(0, N_c - sparsity * n_obs)``, where ``N_c`` is the responsibility mass."""
+        if not self.sparsity:
+            return self.logits.new_zeros(())
+        alpha_minus_one = -self.sparsity * n_obs
+        return alpha_minus_one * self.log_weights[self.active].sum()
+
+    # -- initialisation and pruning ------------------------------------------------------
+    @torch.no_grad()
+    def init_from(self, weights, means, scales) -> None:
+        """Set ``π``, ``μ_c`` and ``σ_c`` (e.g. from a GMM fitted to a warm-up latent)."""
+        weights = torch.as_tensor(np.asarray(weights), dtype=self.logits.dtype)
+        self.logits.copy_(torch.log(weights.clamp_min(1e-8)).to(self.logits.device))
+        self.loc.copy_(torch.as_tensor(np.asarray(means), dtype=self.loc.dtype))
+        scales = torch.as_tensor(np.asarray(scales), dtype=self.raw_scale.dtype)
+        self.raw_scale.copy_(_inv_softplus((scales - self.min_scale).clamp_min(1e-4)))
+        self.active.fill_(True)
+
+    @torch.no_grad()
+    def update_weights(self, mass: torch.Tensor) -> None:
+        """M-step for ``π`` given the responsibility mass ``N_c`` of each component (summed
+        over ``M`` cells): the Dirichlet MAP ``π_c ∝ max(0, N_c - sparsity * M)``, or
+        ``N_c / M`` without sparsity. Components left with zero weight are switched off."""
+        mass = mass.to(self.logits) * self.active
+        total = float(mass.sum())
+        if self.sparsity:
+            mass = (mass - self.sparsity * total).clamp_min(0.0)
+        if not bool((mass > 0).any()):  # keep the heaviest rather than nothing
+            mass = torch.zeros_like(mass).index_fill_(0, torch.argmax(mass * 0 + self.weights), 1.0)
+        self.active &= mass > 0
+        self.logits.copy_(torch.log(mass.clamp_min(1e-30)))
+
+    @torch.no_grad()
+    def prune(self, threshold: float) -> list[int]:
+        """Switch off active components whose weight fell below ``threshold``; at least one
+        component always stays. Returns the indices switched off."""
+        w = self.weights
+        drop = self.active & (w < threshold)
+        if int(drop.sum()) >= self.n_active:  # keep the heaviest
+            drop[int(torch.argmax(w))] = False
+        self.active &= ~drop
+        return torch.nonzero(drop).flatten().tolist()
+
+
+def _inv_softplus(x):
+    x = torch.as_tensor(x, dtype=torch.float32)
+    return x + torch.log(-torch.expm1(-x))

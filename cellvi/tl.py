@@ -12,10 +12,10 @@ from anndata import AnnData
 
 from . import __version__
 from .data import check_writable
-from .models import NBVAE
+from .models import GMVAE, NBVAE
 from .train import train as _train
 
-__all__ = ["nbvae"]
+__all__ = ["nbvae", "gmvae"]
 
 _MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm")
 _FIT_KWARGS = ("batch_size", "lr") + tuple(
@@ -24,15 +24,21 @@ _FIT_KWARGS = ("batch_size", "lr") + tuple(
 )
 
 
-def _split_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    unknown = set(kwargs) - set(_MODEL_KWARGS) - set(_FIT_KWARGS)
+_GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
+                       "overcluster", "n_hidden", "n_layers", "dropout", "norm")
+_GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init")
+
+
+def _split_kwargs(kwargs: dict[str, Any], model_keys=_MODEL_KWARGS,
+                  fit_keys=_FIT_KWARGS) -> tuple[dict[str, Any], dict[str, Any]]:
+    unknown = set(kwargs) - set(model_keys) - set(fit_keys)
     if unknown:
         raise TypeError(
-            f"unknown argument(s) {sorted(unknown)}; model settings are {list(_MODEL_KWARGS)}, "
-            f"training settings are {list(_FIT_KWARGS)}"
+            f"unknown argument(s) {sorted(unknown)}; model settings are {list(model_keys)}, "
+            f"training settings are {list(fit_keys)}"
         )
-    model = {k: v for k, v in kwargs.items() if k in _MODEL_KWARGS}
-    fit = {k: v for k, v in kwargs.items() if k in _FIT_KWARGS}
+    model = {k: v for k, v in kwargs.items() if k in model_keys}
+    fit = {k: v for k, v in kwargs.items() if k in fit_keys}
     return model, fit
 
 
@@ -119,6 +125,106 @@ def nbvae(
     adata.uns[uns_key] = _uns_safe(dict(
         settings=model.settings, train_settings=model.train_settings, history=model.history,
         cellvi_version=__version__, seed=seed, obsm_key=key_added,
+    ))
+    if copy:
+        return (adata, model) if return_model else adata
+    return model if return_model else None
+
+
+def gmvae(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    batch_key: str | Sequence[str] | None = None,
+    n_components: int | None = None,
+    n_latent: int = 10,
+    likelihood: str = "normal",
+    max_epochs: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    key_added: str = "gmvae",
+    copy: bool = False,
+    return_model: bool = False,
+    verbose: bool = True,
+    **model_kwargs: Any,
+) -> AnnData | GMVAE | tuple[AnnData, GMVAE] | None:
+    """Cell populations of cytometry data with a Gaussian-mixture-prior VAE.
+
+    Args:
+        adata: events x channels with **compensated (flow) and transformed** marker values
+            (:func:`cellvi.pp.compensate`, then :func:`cellvi.pp.arcsinh` or
+            :func:`cellvi.pp.logicle`).
+        layer: layer to read; ``None`` reads ``adata.X``.
+        batch_key: obs key (or keys) of batches/samples to correct for; the clusters are
+            shared across them.
+        n_components: ``None`` discovers the number of populations (starting from 30
+            components, pruned by a sparse prior and merged where they share cells); an
+            integer gives exactly that many clusters.
+        n_latent: latent dimension.
+        likelihood: ``"normal"`` or ``"studentt"`` (robust to outlier events).
+        max_epochs: epochs of the main phase (``None``: about 3,000 steps).
+        seed: reproducible on the CPU for a given seed; the global random state is untouched.
+        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ...
+        key_added: name of the outputs (see Returns).
+        copy: return a new AnnData instead of writing into ``adata``.
+        return_model: also return the trained :class:`cellvi.models.GMVAE`.
+        verbose: progress bar.
+        **model_kwargs: model settings (``markers`` -- the channels to use, default all;
+            ``prune``, ``sparsity``, ``prune_threshold``, ``merge_threshold``, ``overcluster``,
+            ``n_hidden``, ``n_layers``, ``dropout``, ``norm``) and training settings
+            (``batch_size``, ``lr``, ``warmup_epochs``, ``patience``, ...).
+
+    Returns:
+        ``None`` (or the model, if ``return_model``) when ``copy=False``; otherwise the new
+        AnnData (and the model). Writes:
+
+        - ``adata.obs[key_added]``: categorical cluster labels ``"0"``, ``"1"``, ...
+          (ordered by size);
+        - ``adata.obs[key_added + "_confidence"]``: the largest responsibility per cell;
+        - ``adata.obsm["X_" + key_added]``: ``float32`` latent posterior means;
+        - ``adata.obsm[key_added + "_probs"]``: responsibilities, cells x clusters;
+        - ``adata.uns[key_added]``: ``settings``, ``train_settings``, ``history``,
+          ``cluster_weights``, ``cluster_sizes``, ``cluster_means`` (latent), ``markers``,
+          ``marker_medians`` (a clusters x markers DataFrame of the input values, to name
+          the populations), ``cellvi_version``, ``seed``.
+
+        ``X``, layers and other obs columns are never modified.
+
+    Example:
+        >>> cellvi.pp.compensate(adata)
+        >>> cellvi.pp.logicle(adata, layer="compensated", key_added="logicle")
+        >>> cellvi.tl.gmvae(adata, layer="logicle", markers=fluorescence_channels)
+        >>> sc.pp.neighbors(adata, use_rep="X_gmvae"); sc.tl.umap(adata)
+        >>> sc.pl.umap(adata, color="gmvae")
+    """
+    import pandas as pd
+
+    check_writable(adata, copy)
+    model_settings, fit_settings = _split_kwargs(model_kwargs, _GMVAE_MODEL_KWARGS, _GMVAE_FIT_KWARGS)
+    model = GMVAE(adata, layer=layer, batch_key=batch_key, n_components=n_components,
+                  n_latent=n_latent, likelihood=likelihood, **model_settings)
+    model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
+    latent = model.get_latent(adata)
+    labels, probs = model.predict(adata)
+    data = model._prepare(adata)
+    if copy:
+        adata = adata.copy()
+    adata.obs[key_added] = pd.Categorical(labels, categories=labels.categories)
+    adata.obs[key_added + "_confidence"] = probs.max(1).astype(np.float32)
+    adata.obsm["X_" + key_added] = latent
+    adata.obsm[key_added + "_probs"] = probs
+    medians = pd.DataFrame(
+        [np.median(data.X[labels.codes == c], axis=0) if (labels.codes == c).any()
+         else np.full(len(model.var_names), np.nan) for c in range(len(labels.categories))],
+        index=list(labels.categories), columns=model.var_names,
+    )
+    params = model.cluster_parameters()
+    adata.uns[key_added] = _uns_safe(dict(
+        settings=model.settings, train_settings=model.train_settings, history=model.history,
+        cluster_weights=params["weights"], cluster_means=params["means"],
+        cluster_sizes=np.bincount(labels.codes, minlength=len(labels.categories)),
+        markers=list(model.var_names), marker_medians=medians,
+        cellvi_version=__version__, seed=seed,
     ))
     if copy:
         return (adata, model) if return_model else adata

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,6 +174,8 @@ def train(
     seed: int | None = 0,
     verbose: bool = True,
     desc: str = "training",
+    on_epoch_end: Callable[[int], None] | None = None,
+    beta_schedule: Callable[[int], float] | None = None,
 ) -> dict[str, list[float]]:
     """Train ``module`` (which has ``loss(batch, beta)`` and ``elbo(batch, beta)``) on ``data``.
 
@@ -192,6 +195,10 @@ def train(
         seed: seeds the split, shuffling, initial sampling and dropout without touching the
             caller's global RNG state.
         verbose: show a progress bar (also off when stderr is not a terminal).
+        beta_schedule: a β schedule object (``schedule(step) -> β`` and ``schedule.done(step)``,
+            e.g. :class:`cellvi.objectives.Constant`) used instead of the linear warm-up.
+        on_epoch_end: called with the epoch number after each epoch's optimiser steps,
+            before validation (e.g. to prune mixture components).
 
     Returns:
         The history: ``{"epoch", "train_elbo", "validation_elbo", "beta"}`` lists. The
@@ -218,7 +225,7 @@ def train(
     total_steps = max_epochs * steps_per_epoch
     if kl_warmup_steps is None:
         kl_warmup_steps = min(2000, total_steps // 4)
-    schedule = LinearWarmup(kl_warmup_steps)
+    schedule = beta_schedule if beta_schedule is not None else LinearWarmup(kl_warmup_steps)
     use_val = early_stopping and n_val > 0
 
     optimizer = _adam(module, lr, weight_decay)
@@ -250,6 +257,8 @@ def train(
             train_elbo = -float(running) / max(1, seen)
             if not math.isfinite(train_elbo):
                 _diverged(epoch, step, lr)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
             val_elbo = evaluate(module, data, val_idx) if n_val > 0 else math.nan
             history["epoch"].append(epoch)
             history["train_elbo"].append(train_elbo)

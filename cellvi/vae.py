@@ -18,7 +18,7 @@ from torch.distributions import Distribution
 from .nn import SparseRows
 from .objectives import elbo, iwae, log_likelihood
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "MixtureVAE"]
 
 
 class VAE(nn.Module):
@@ -76,3 +76,26 @@ class VAE(nn.Module):
     def loss(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
         """Mean negative ELBO over the mini-batch: what the training loop minimises."""
         return -self.elbo(batch, beta).mean()
+
+
+class MixtureVAE(VAE):
+    """VAE with a :class:`cellvi.priors.MixturePrior`: VaDE-style clustering.
+
+    The ELBO is the VAE's, with ``log p(z)`` the mixture density (``c`` summed out exactly);
+    the cluster posterior ``q(c | x)`` is the prior's responsibilities ``p(c | z)`` at the
+    encoded ``z``. The loss adds the sparse Dirichlet prior on ``π`` (if any), spread over
+    the ``n_obs`` training cells.
+    """
+
+    n_obs: int = 1
+
+    def loss(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
+        loss = super().loss(batch, beta)
+        if hasattr(self.prior, "log_prior_weights"):
+            loss = loss - self.prior.log_prior_weights(self.n_obs) / self.n_obs
+        return loss
+
+    def responsibilities(self, batch: dict[str, torch.Tensor], mean: bool = True) -> torch.Tensor:
+        """``q(c | x)``: responsibilities at the posterior mean (or at a sample) of ``z``."""
+        qz = self.encode(batch)
+        return self.prior.responsibilities(qz.mean if mean else qz.sample())
