@@ -215,8 +215,8 @@ def synthetic_cytometry(
         n_latent: dimension of the space the clusters live in.
         n_batches: batches, each with its own random shift of every marker.
         batch_shift: standard deviation of the batch shifts (in marker units).
-        separation: spread of the cluster centres relative to their unit within-cluster
-            standard deviation (larger is easier).
+        separation: smallest distance between two cluster centres, in units of the
+            within-cluster standard deviation (at most 1); larger is easier.
         noise: standard deviation of the measurement noise added to every marker.
         weights: population proportions (default: unequal, Dirichlet(2) draws).
         seed: random seed.
@@ -232,7 +232,7 @@ def synthetic_cytometry(
     if weights is None:
         weights = rng.dirichlet(np.full(n_populations, 2.0))
     weights = np.asarray(weights, dtype=float) / np.sum(weights)
-    centres = rng.normal(0.0, separation / np.sqrt(2.0), (n_populations, n_latent))
+    centres = _spread_points(rng, n_populations, n_latent, separation)
     scales = rng.uniform(0.6, 1.0, (n_populations, n_latent))
     pop = rng.choice(n_populations, size=n_cells, p=weights)
     batch = rng.integers(0, n_batches, n_cells)
@@ -255,3 +255,19 @@ def synthetic_cytometry(
                                    separation=separation, noise=noise, seed=seed,
                                    weights=weights)
     return adata
+
+
+def _spread_points(rng: np.random.Generator, n: int, dim: int, min_dist: float) -> np.ndarray:
+    """``n`` points in ``dim`` dimensions, pairwise at least ``min_dist`` apart (rejection
+    sampling in a box that grows until they fit)."""
+    width = min_dist * max(1.0, n ** (1.0 / dim))
+    points: list[np.ndarray] = []
+    tries = 0
+    while len(points) < n:
+        p = rng.uniform(-width, width, dim)
+        if all(np.linalg.norm(p - q) >= min_dist for q in points):
+            points.append(p)
+        tries += 1
+        if tries % 1000 == 0:
+            width *= 1.2
+    return np.asarray(points)

@@ -33,9 +33,9 @@ from .data import (
     select_markers,
 )
 from .decoders import ContinuousDecoder, CountDecoder
+from .objectives import Constant
 from .posteriors import GaussianEncoder
 from .priors import MixturePrior, StandardNormal
-from .objectives import Constant
 from .train import DeviceData, DeviceMatrix, default_max_epochs, train
 from .vae import VAE, MixtureVAE
 

@@ -1,0 +1,196 @@
+"""The cytometry model: decoder, merging, GMVAE / tl.gmvae outputs, recovery, validation."""
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.distributions import Normal, StudentT
+
+import cellvi
+from cellvi.decoders import ContinuousDecoder
+from cellvi.metrics import ari
+from cellvi.models import GMVAE, merge_components
+
+FAST = dict(max_epochs=8, warmup_epochs=3)
+
+
+@pytest.fixture(scope="session")
+def cyto():
+    """5 populations (known), 10 markers, 2 batches with a marker shift; never modified."""
+    return cellvi.datasets.synthetic_cytometry(3000, 10, n_populations=5, seed=0)
+
+
+@pytest.fixture(scope="session")
+def discovered(cyto):
+    return cellvi.tl.gmvae(cyto, batch_key="batch", copy=True, return_model=True, verbose=False)
+
+
+@pytest.fixture
+def tiny():
+    return cellvi.datasets.synthetic_cytometry(400, 6, n_populations=3, seed=2)
+
+
+# -- building blocks ----------------------------------------------------------------------
+@pytest.mark.parametrize("likelihood, cls", [("normal", Normal), ("studentt", StudentT)])
+def test_continuous_decoder_returns_distribution(likelihood, cls):
+    dec = ContinuousDecoder(4, 7, likelihood=likelihood, n_cats_per_cov=[3])
+    z, covs = torch.randn(10, 4), torch.randint(0, 3, (10, 1))
+    px = dec(z, covs)
+    assert isinstance(px.base_dist, cls) and px.event_shape == (7,) and px.batch_shape == (10,)
+    assert torch.isfinite(px.log_prob(torch.randn(10, 7))).all()
+    # the per-batch offset adds to the mean: raising batch 1's offsets by 1 raises its mean by 1
+    dec.eval()
+    covs3 = torch.tensor([[0], [1], [2]])
+    same_z = z[:1].expand(3, 4)
+    before = dec.mean(same_z, covs3)
+    dec.init_batch_offsets([dec.batch_offset.embeddings[0].weight.detach().numpy()
+                            + np.array([[0.0], [1.0], [0.0]], dtype=np.float32)])
+    torch.testing.assert_close(dec.mean(same_z, covs3) - before,
+                               torch.tensor([[0.0], [1.0], [0.0]]).expand(3, 7), atol=1e-5, rtol=0)
+
+
+def test_merge_components_joins_split_population_only():
+    rng = np.random.default_rng(0)
+    # components 0 and 1 share their cells (one population split in two); 2 is apart
+    shared = rng.uniform(0.3, 0.7, 500)
+    probs = np.zeros((800, 3))
+    probs[:500, 0], probs[:500, 1] = shared, 1 - shared
+    probs[500:, 2] = 1.0
+    assert sorted(map(sorted, merge_components(probs, 0.1))) == [[0, 1], [2]]
+    crisp = np.eye(3)[rng.integers(0, 3, 600)]
+    assert len(merge_components(crisp, 0.1)) == 3
+    assert len(merge_components(crisp, n_groups=2)) == 2
+
+
+# -- model and tl --------------------------------------------------------------------------
+def test_discovery_recovers_populations(cyto, discovered):
+    """n_components=None on the simulator: number of populations within ±1, ARI >= 0.9."""
+    out, model = discovered
+    truth = cyto.uns["simulation"]["n_populations"]
+    assert abs(model.n_clusters - truth) <= 1, model.history["n_components"]
+    assert ari(cyto.obs["population"], out.obs["gmvae"]) >= 0.9
+    assert model.history["n_components"][0] == 30  # started from the upper bound
+
+
+def test_gmvae_writes_documented_keys(cyto, discovered):
+    out, model = discovered
+    k = model.n_clusters
+    labels = out.obs["gmvae"]
+    assert isinstance(labels.dtype, pd.CategoricalDtype)
+    assert list(labels.cat.categories) == [str(i) for i in range(k)]
+    sizes = labels.value_counts().reindex(labels.cat.categories).to_numpy()
+    assert (np.diff(sizes) <= 0).all()  # "0" is the largest
+    probs = out.obsm["gmvae_probs"]
+    assert probs.shape == (cyto.n_obs, k) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(1), labels.cat.codes.to_numpy())
+    np.testing.assert_allclose(out.obs["gmvae_confidence"], probs.max(1), atol=1e-6)
+    assert out.obsm["X_gmvae"].shape == (cyto.n_obs, 10)
+    uns = out.uns["gmvae"]
+    med = uns["marker_medians"]
+    assert list(med.index) == list(labels.cat.categories) and list(med.columns) == list(cyto.var_names)
+    c0 = labels.to_numpy() == "0"
+    np.testing.assert_allclose(med.loc["0"].to_numpy(), np.median(cyto.X[c0], axis=0), rtol=1e-5)
+    np.testing.assert_allclose(uns["cluster_weights"].sum(), 1.0, atol=1e-5)
+    assert uns["cluster_means"].shape == (k, 10)
+    assert list(uns["cluster_sizes"]) == list(sizes)
+    assert set(uns["history"]) >= {"train_elbo", "validation_elbo", "phase", "n_components"}
+    # the input was not touched
+    assert "gmvae" not in cyto.obs and "X_gmvae" not in cyto.obsm and "gmvae" not in cyto.uns
+
+
+def test_gmvae_result_writes_to_h5ad(discovered, tmp_path):
+    import anndata as ad
+
+    out, _ = discovered
+    out.write_h5ad(tmp_path / "x.h5ad")
+    back = ad.read_h5ad(tmp_path / "x.h5ad")
+    assert back.obs["gmvae"].equals(out.obs["gmvae"])
+    pd.testing.assert_frame_equal(back.uns["gmvae"]["marker_medians"], out.uns["gmvae"]["marker_medians"])
+
+
+def test_predict_new_sample_and_save_load(cyto, discovered, tmp_path):
+    out, model = discovered
+    other = cyto[cyto.obs["batch"] == "b1"].copy()
+    labels, probs = model.predict(other)
+    np.testing.assert_array_equal(labels.codes, out.obs["gmvae"][cyto.obs["batch"] == "b1"].cat.codes)
+    other.obs["batch"] = "b9"
+    with pytest.raises(ValueError, match="not trained on"):
+        model.predict(other)
+    model.save(tmp_path / "m")
+    back = GMVAE.load(tmp_path / "m", cyto)
+    l2, p2 = back.predict(cyto)
+    np.testing.assert_array_equal(l2.codes, out.obs["gmvae"].cat.codes)
+    np.testing.assert_allclose(p2, out.obsm["gmvae_probs"], atol=1e-6)
+    assert "clusters" in repr(back)
+    with pytest.raises(KeyError, match="not in adata.var_names"):
+        back.predict(cyto[:, :5].copy())
+
+
+def test_fixed_k_gives_exactly_k_clusters_and_is_reproducible(tiny):
+    a = cellvi.tl.gmvae(tiny, n_components=3, copy=True, verbose=False, **FAST)
+    b = cellvi.tl.gmvae(tiny, n_components=3, copy=True, verbose=False, **FAST)
+    assert list(a.obs["gmvae"].cat.categories) == ["0", "1", "2"]
+    np.testing.assert_array_equal(a.obsm["X_gmvae"], b.obsm["X_gmvae"])
+    assert a.uns["gmvae"]["settings"]["n_clusters"] == 3
+
+
+def test_studentt_and_markers_and_layer(tiny):
+    tiny.layers["t"] = tiny.X.copy()
+    tiny.X[:] = 0.0  # must not be read
+    out = cellvi.tl.gmvae(tiny, layer="t", markers=list(tiny.var_names[:4]), n_components=2,
+                          likelihood="studentt", key_added="pops", copy=True, verbose=False, **FAST)
+    assert "pops" in out.obs and out.obsm["X_pops"].shape[0] == tiny.n_obs
+    assert list(out.uns["pops"]["markers"]) == list(tiny.var_names[:4])
+
+
+# -- validation ----------------------------------------------------------------------------
+def test_errors_name_the_problem(tiny):
+    with pytest.raises(KeyError, match="layer 'nope'"):
+        GMVAE(tiny, layer="nope")
+    with pytest.raises(KeyError, match="not in adata.var_names"):
+        GMVAE(tiny, markers=["CD3"])
+    with pytest.raises(ValueError, match="larger than the number of cells"):
+        GMVAE(tiny, n_components=tiny.n_obs + 1)
+    bad = tiny.copy()
+    bad.X[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        GMVAE(bad)
+    const = tiny.copy()
+    const.X[:, 2] = 1.0
+    with pytest.raises(ValueError, match=r"constant.*marker0|marker2"):
+        GMVAE(const)
+    with pytest.raises(ValueError, match="view"):
+        cellvi.tl.gmvae(tiny[:100], n_components=2)
+    with pytest.raises(ValueError, match="likelihood"):
+        GMVAE(tiny, likelihood="poisson")
+
+
+def test_warns_on_untransformed_and_uncompensated(tiny):
+    raw = tiny.copy()
+    raw.X = np.exp(raw.X * 2.0)  # raw intensities with a huge range
+    with pytest.warns(UserWarning, match="untransformed"):
+        GMVAE(raw, n_components=2)
+    spill = tiny.copy()
+    spill.uns["spillover_text"] = "2,marker0,marker1,1,0.1,0.05,1"
+    with pytest.warns(UserWarning, match="never compensated"):
+        GMVAE(spill, n_components=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GMVAE(spill, n_components=2, markers=["marker2", "marker3"])  # no spillover channel used
+
+
+def test_no_warning_after_cellvi_compensation(data_dir):
+    import anndata as ad
+
+    adata = ad.read_h5ad(data_dir / "flowsom_68983_mouse_flow_gated.h5ad")
+    markers = list(adata.var_names[adata.var["has_marker"].astype(bool)])
+    with pytest.warns(UserWarning, match="never compensated"):
+        GMVAE(adata, markers=markers, n_components=6)
+    cellvi.pp.compensate(adata)
+    cellvi.pp.logicle(adata, layer="compensated", key_added="logicle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GMVAE(adata, layer="logicle", markers=markers, n_components=6)
