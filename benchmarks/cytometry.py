@@ -57,26 +57,28 @@ Methods (all single-threaded):
   latent = ``get_latent_representation()``, then Leiden as above. Trained once per seed; the
   latent serves both settings; its seconds = training + latent + neighbors + Leiden.
 
-Batch mixing (``spectre`` only), batches A/B, on the scored cells' embedding: ``iLISI``
-(``cellvi.metrics.ilisi``, scaled to [0, 1]) and kBET acceptance
-(``cellvi.metrics.kbet_acceptance``) for the uncorrected markers, the markers with each batch's
-mean subtracted (trivial control), Harmony on the markers
+Batch mixing (``spectre`` only), batches A/B: ``iLISI`` (``cellvi.metrics.ilisi``, scaled to
+[0, 1]) and kBET acceptance (``cellvi.metrics.kbet_acceptance``) on a fixed random subsample
+of 20,000 scored events (embeddings are fitted on all events), for the uncorrected markers,
+the markers with each batch's mean subtracted (trivial control), Harmony on the markers
 (``harmonypy.run_harmony(X, obs, "batch", random_state=s).Z_corr``), the cellvi GMVAE latent
 (``obsm["X_gmvae"]`` of the default-setting runs) and the CYTOVI latent; plus cell-type
-separation: ARI of k-means (K = 12) on the embedding vs truth, and the silhouette by cell type
-on a 5,000-cell subsample. Means over seeds (range in brackets).
+separation: ARI of k-means (K = 12) on the scored events' embedding vs truth, and the
+silhouette by cell type on a 5,000-event subsample. Means over seeds (range in brackets).
 
 Usage::
 
     python benchmarks/cytometry.py [--inputs flowsom spectre ...] [--methods cellvi flowsom ...]
-        [--seeds 0 1 2 3 4] [--cytovi-max-epochs 100] [--cytovi-seeds 0 1 2]
+        [--seeds 0 1 2 3 4] [--cytovi-max-epochs 50] [--cytovi-seeds 0 1 2]
         [--out benchmarks/results] [--quick]
 
 ``--quick`` is a smoke run: seed 0 only, 3,000 events per input (random subsample), CYTOVI at
 most 5 epochs; it writes ``cytometry_quick.md/json``.
 Data are read from ``$CELLVI_DATA_DIR`` (default ``../shared/data`` relative to the repo).
 Writes ``<out>/cytometry.md`` and ``<out>/cytometry.json`` (all per-seed results), after every
-method so that an interrupted run keeps what is done.
+method and seed so that an interrupted run keeps what is done. CYTOVI runs last on each input
+(on ``spectre`` after the batch-mixing table, to which its row is appended). pynndescent and
+FlowSOM's numba code is compiled by a warm-up before any timing.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ GMM_BIC_RANGE = range(2, 16)
 LEIDEN_RES_RANGE = (0.01, 3.0)
 LEIDEN_MAX_TRIES = 12
 N_NEIGHBORS = 15
+MIXING_EVENTS = 20000  # iLISI/kBET on a fixed random subsample of the scored events
 
 
 def log(msg: str) -> None:
@@ -387,11 +390,25 @@ def leiden_settings(rep: np.ndarray, seed: int, settings: list[str], K: int,
     return out
 
 
+def warm_up() -> None:
+    """Compile the numba code of pynndescent/scanpy/FlowSOM once, outside the timings."""
+    import flowsom as fs
+    from loguru import logger
+
+    logger.disable("flowsom")
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6000, 5)).astype(np.float32)  # > 4,096: scanpy's pynndescent path
+    a, _ = _neighbors(X, 0)
+    _leiden(a, 1.0, 0)
+    d = dict(X=X, truth=np.zeros(len(X), str), markers=[f"m{i}" for i in range(5)])
+    fs.FlowSOM(make_adata(d), cols_to_use=d["markers"], xdim=5, ydim=5, n_clusters=3, seed=0)
+
+
 def run_leiden(d: dict, seed: int, settings: list[str], store: dict) -> dict:
     return leiden_settings(d["X"], seed, settings, d["K"])
 
 
-def run_cytovi(d: dict, seed: int, settings: list[str], store: dict, max_epochs: int = 100) -> dict:
+def run_cytovi(d: dict, seed: int, settings: list[str], store: dict, max_epochs: int = 50) -> dict:
     import scvi
     from scvi.external import CYTOVI
     from scvi.external import cytovi as cyto
@@ -450,7 +467,9 @@ def batch_mixing(d: dict, embeddings: dict[str, dict[int, np.ndarray]], seed0: i
     keep = ~np.isin(t, np.asarray(d["exclude"], dtype=str))
     b = np.asarray(d["batch"]).astype(str)
     rng = np.random.default_rng(seed0)
-    sub = rng.choice(int(keep.sum()), min(5000, int(keep.sum())), replace=False)
+    n_keep = int(keep.sum())
+    sub = rng.choice(n_keep, min(5000, n_keep), replace=False)
+    mix = np.sort(rng.choice(n_keep, min(MIXING_EVENTS, n_keep), replace=False))
     rows = []
     for name, per_seed in embeddings.items():
         vals = []
@@ -459,7 +478,8 @@ def batch_mixing(d: dict, embeddings: dict[str, dict[int, np.ndarray]], seed0: i
             zk, tk, bk = z[keep], t[keep], b[keep]
             t0 = time.perf_counter()
             km = KMeans(n_clusters=d["K"], random_state=seed, n_init=10).fit_predict(zk)
-            v = dict(seed=seed, ilisi=metrics.ilisi(zk, bk), kbet=metrics.kbet_acceptance(zk, bk),
+            v = dict(seed=seed, ilisi=metrics.ilisi(zk[mix], bk[mix]),
+                     kbet=metrics.kbet_acceptance(zk[mix], bk[mix]),
                      kmeans_ari=metrics.ari(tk, km),
                      silhouette=float(silhouette_score(zk[sub], tk[sub])))
             v["seconds"] = time.perf_counter() - t0
@@ -582,7 +602,8 @@ def write_outputs(res: dict, out: Path, stem: str) -> None:
              "runs). F1 = mean F1 over true populations after one-to-one Hungarian matching; "
              "F1/ARI/NMI on the events whose label is not excluded (excluded events are in "
              "the fit); n clusters counts all events. Cells: mean [min–max] over seeds. "
-             "Seconds: wall-clock of the method, single-threaded (`OMP_NUM_THREADS=1` etc., "
+             "Seconds: wall-clock of the method (numba code compiled by a warm-up first), "
+             "single-threaded (`OMP_NUM_THREADS=1` etc., "
              "`torch.set_num_threads(1)`) on a 2-core machine shared with another process, so "
              "they compare within this run only.\n")
     L.append(f"CYTOVI: `max_epochs` capped at **{res['cytovi_max_epochs']}** (its default is "
@@ -617,10 +638,12 @@ def write_outputs(res: dict, out: Path, stem: str) -> None:
             L.append("")
         if inp.get("batch_mixing"):
             L.append(f"### Batch mixing ({inp['input']}, batches A/B)\n")
-            L.append("On the scored events. iLISI: `cellvi.metrics.ilisi` (k = 30, scaled: 0 = "
+            L.append("iLISI and kBET on a fixed random subsample of 20,000 scored events. "
+                     "iLISI: `cellvi.metrics.ilisi` (k = 30, scaled: 0 = "
                      "no mixing, 1 = perfect); kBET: `cellvi.metrics.kbet_acceptance` (k = 50, "
                      "alpha 0.05; 1 = every neighbourhood matches the global batch mix). "
-                     "Cell-type separation: ARI of k-means (K = 12, n_init 10) on the embedding "
+                     "Cell-type separation: ARI of k-means (K = 12, n_init 10) on all scored "
+                     "events "
                      "vs truth, and silhouette by cell type (5,000-event subsample). "
                      "Mean [min–max] over seeds.\n")
             L.append("| embedding | seeds | iLISI | kBET acceptance | k-means ARI | "
@@ -639,6 +662,45 @@ def write_outputs(res: dict, out: Path, stem: str) -> None:
     (out / f"{stem}.md").write_text("\n".join(L))
 
 
+def add_notes(inp: dict, cytovi_max_epochs: int) -> None:
+    """GMM BIC at the range edge, K settings without K clusters, CYTOVI epochs."""
+    notes = [n for n in inp["notes"] if "failed" in n]
+    for r in inp["runs"]:
+        i = r["info"]
+        if r["method"] == "gmm" and r["setting"] == "default" and i.get("bic_at_range_edge"):
+            notes.append(f"GMM default seed {r['seed']}: BIC chose the range edge "
+                         f"({max(GMM_BIC_RANGE)} components).")
+        if r["setting"] == "K" and r["n_clusters"] != inp["K"]:
+            extra = (f" (closest the resolution bisection found: {i['resolution']:.4f})"
+                     if "resolution" in i else "")
+            notes.append(f"{METHOD_NAMES[r['method']]} K setting, seed {r['seed']}: "
+                         f"{r['n_clusters']} clusters instead of K = {inp['K']}{extra}.")
+    cyto = [r["info"] for r in inp["runs"] if r["method"] == "cytovi" and r["setting"] == "K"]
+    if cyto:
+        notes.append("CYTOVI epochs trained: " + ", ".join(str(i["n_epochs"]) for i in cyto)
+                     + f" (cap {cytovi_max_epochs}); training + latent seconds: "
+                     + ", ".join(f"{i['cytovi_train_s']:.0f}" for i in cyto) + ".")
+    inp["notes"] = notes
+
+
+def mixing(d: dict, inp: dict, latents: dict, seeds: list[int]) -> None:
+    log("   batch mixing")
+    emb: dict[str, dict[int, np.ndarray]] = {
+        "markers, uncorrected": {0: d["X"]},
+        "markers minus per-batch mean (control)": {0: minus_batch_mean(d["X"], d["batch"])}}
+    harm = {}
+    for seed in seeds:
+        z, secs = run_harmony(d["X"], d["batch"], seed)
+        harm[seed] = z
+        log(f"   Harmony seed {seed}: {secs:.1f} s")
+    emb["Harmony (markers)"] = harm
+    if "cellvi" in latents:
+        emb["cellvi GMVAE latent (default setting)"] = latents["cellvi"]
+    if "cytovi" in latents:
+        emb["CYTOVI latent"] = latents["cytovi"]
+    inp["batch_mixing"] = batch_mixing(d, emb)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--inputs", nargs="+", default=ALL_INPUTS, choices=ALL_INPUTS)
@@ -646,7 +708,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--cytovi-seeds", nargs="+", type=int, default=None,
                    help="seeds for CYTOVI only (default: --seeds)")
-    p.add_argument("--cytovi-max-epochs", type=int, default=100)
+    p.add_argument("--cytovi-max-epochs", type=int, default=50)
     p.add_argument("--raw-methods", nargs="+", default=sorted(RAW_METHODS), choices=ALL_METHODS,
                    help="methods run on flowsom_raw (default: cellvi flowsom)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
@@ -664,6 +726,7 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     git = _git_state()
     _import_cellvi()
+    warm_up()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = dict(command="python " + " ".join(shlex.quote(a) for a in
@@ -695,8 +758,12 @@ def main(argv=None) -> None:
         res["inputs"].append(inp)
         methods = [m for m in args.methods
                    if name != "flowsom_raw" or m in args.raw_methods]
+        methods = [m for m in methods if m != "cytovi"] + [m for m in methods if m == "cytovi"]
         latents: dict[str, dict[int, np.ndarray]] = {}
         for m in methods:
+            if m == "cytovi" and d.get("batch") is not None:
+                mixing(d, inp, latents, args.seeds)  # before the slow CYTOVI, then appended
+                save()
             store: dict[int, np.ndarray] = {}
             seeds = cyto_seeds if m == "cytovi" else args.seeds
             for seed in seeds:
@@ -715,41 +782,16 @@ def main(argv=None) -> None:
                     log(f"   {m:8s} {setting:7s} seed {seed}: F1 {sc_['f1']:.3f} "
                         f"ARI {sc_['ari']:.3f} NMI {sc_['nmi']:.3f} n {sc_['n_clusters']:3d} "
                         f"{secs:7.1f} s")
+                add_notes(inp, args.cytovi_max_epochs)
                 save()
             if store:
                 latents[m] = store
-        # notes: GMM BIC at the edge, Leiden K not exact, CYTOVI epochs
-        for r in inp["runs"]:
-            i = r["info"]
-            if r["method"] == "gmm" and r["setting"] == "default" and i.get("bic_at_range_edge"):
-                inp["notes"].append(f"GMM default seed {r['seed']}: BIC chose the range edge "
-                                    f"({max(GMM_BIC_RANGE)} components).")
-            if r["setting"] == "K" and i.get("exact_K") is False:
-                inp["notes"].append(f"{METHOD_NAMES[r['method']]} K seed {r['seed']}: no "
-                                    f"resolution gave exactly K; closest {r['n_clusters']} "
-                                    f"clusters (resolution {i['resolution']:.4f}).")
-        cyto = [r["info"] for r in inp["runs"] if r["method"] == "cytovi" and r["setting"] == "K"]
-        if cyto:
-            inp["notes"].append("CYTOVI epochs trained: " + ", ".join(
-                str(i["n_epochs"]) for i in cyto) + f" (cap {args.cytovi_max_epochs}); training "
-                "s: " + ", ".join(f"{i['cytovi_train_s']:.0f}" for i in cyto) + ".")
+        add_notes(inp, args.cytovi_max_epochs)
         if d.get("batch") is not None:
-            log("   batch mixing")
-            emb: dict[str, dict[int, np.ndarray]] = {
-                "markers, uncorrected": {0: d["X"]},
-                "markers minus per-batch mean (control)": {0: minus_batch_mean(d["X"],
-                                                                               d["batch"])}}
-            harm = {}
-            for seed in args.seeds:
-                z, secs = run_harmony(d["X"], d["batch"], seed)
-                harm[seed] = z
-                log(f"   Harmony seed {seed}: {secs:.1f} s")
-            emb["Harmony (markers)"] = harm
-            if "cellvi" in latents:
-                emb["cellvi GMVAE latent (default setting)"] = latents["cellvi"]
-            if "cytovi" in latents:
-                emb["CYTOVI latent"] = latents["cytovi"]
-            inp["batch_mixing"] = batch_mixing(d, emb)
+            if "batch_mixing" not in inp:
+                mixing(d, inp, latents, args.seeds)
+            elif "cytovi" in latents:
+                inp["batch_mixing"] += batch_mixing(d, {"CYTOVI latent": latents["cytovi"]})
         save()
     save()
     log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min -> {out / stem}.md")

@@ -549,7 +549,8 @@ class GMVAE(_Model):
         Args:
             max_epochs: epochs of the main phase; ``None`` picks about 3,000 steps (10..300
                 epochs); early stopping on a 10% validation split usually ends sooner.
-            warmup_epochs: epochs of the warm-up (``None``: about 600 steps).
+            warmup_epochs: epochs of the warm-up (``None``: about 600 steps, at most
+                ``max_epochs``).
             batch_size, lr, seed, device, verbose: as in :meth:`NBVAE.fit`.
             **train_kwargs: further arguments of :func:`cellvi.train.train`.
         """
@@ -564,6 +565,8 @@ class GMVAE(_Model):
         n_obs = data.n_obs
         if warmup_epochs is None:
             warmup_epochs = default_max_epochs(n_obs, batch_size, target_steps=600, bounds=(3, 60))
+            if max_epochs is not None:  # a short run asked for: a short warm-up too
+                warmup_epochs = min(warmup_epochs, max(1, max_epochs))
         if max_epochs is None:
             max_epochs = default_max_epochs(n_obs, batch_size, target_steps=3000, bounds=(10, 300))
 
