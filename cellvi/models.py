@@ -602,7 +602,8 @@ class GMVAE(_Model):
 
         def on_epoch_end(epoch: int) -> None:
             # M-step for π on the responsibilities of a fixed probe of cells (Dirichlet MAP)
-            mixture.update_weights(torch.as_tensor(self._responsibilities(data, probe).sum(0)))
+            mixture.update_weights(torch.as_tensor(self._responsibilities(data, probe).sum(0)),
+                                   min_weight=0.0 if s["prune"] else 1e-3)
             module.train()
             if s["prune"]:
                 dropped = mixture.prune(s["prune_threshold"])
@@ -620,8 +621,11 @@ class GMVAE(_Model):
         #    several Gaussians), give each merged group one component, and fine-tune
         if s["n_start"] > s["n_components"] or (s["discover"] and s["merge_threshold"]):
             probs = self._responsibilities(data, probe)
-            groups = merge_components(probs, s["merge_threshold"],
-                                      n_groups=None if s["discover"] else s["n_components"])
+            if s["discover"]:
+                groups = merge_components(probs, s["merge_threshold"])
+            else:  # K given: Ward on the component means, weighted by their cells
+                groups = ward_groups(mixture.loc.detach().cpu().numpy(), probs.sum(0),
+                                     s["n_components"])
             if len(groups) < mixture.n_active:
                 logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
                 z = self._encode_means(data, probe)
@@ -747,6 +751,30 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
         g[:, i] += g[:, j]
         g = np.delete(g, j, axis=1)
         groups[i] += groups.pop(j)
+    return groups
+
+
+def ward_groups(means: np.ndarray, mass: np.ndarray, n_groups: int) -> list[list[int]]:
+    """Group components (rows of ``means`` with ``mass > 0``) into ``n_groups`` by weighted
+    Ward agglomeration: merge the pair with the smallest increase of the within-group sum of
+    squares, ``n_i n_j / (n_i + n_j) |m_i - m_j|²`` (small components join their nearest
+    neighbour first, as in FlowSOM's metaclustering of its nodes)."""
+    cols = [c for c in range(len(mass)) if mass[c] > 0]
+    groups = [[c] for c in cols]
+    m = [np.asarray(means[c], dtype=np.float64) for c in cols]
+    n = [float(mass[c]) for c in cols]
+    while len(groups) > max(1, n_groups):
+        best, pair = np.inf, None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                cost = n[i] * n[j] / (n[i] + n[j]) * float(np.sum((m[i] - m[j]) ** 2))
+                if cost < best:
+                    best, pair = cost, (i, j)
+        i, j = pair
+        m[i] = (n[i] * m[i] + n[j] * m[j]) / (n[i] + n[j])
+        n[i] += n[j]
+        groups[i] += groups.pop(j)
+        m.pop(j), n.pop(j)
     return groups
 
 

@@ -152,14 +152,18 @@ class MixturePrior(nn.Module):
         self.active.fill_(True)
 
     @torch.no_grad()
-    def update_weights(self, mass: torch.Tensor) -> None:
+    def update_weights(self, mass: torch.Tensor, min_weight: float = 0.0) -> None:
         """M-step for ``π`` given the responsibility mass ``N_c`` of each component (summed
         over ``M`` cells): the Dirichlet MAP ``π_c ∝ max(0, N_c - sparsity * M)``, or
-        ``N_c / M`` without sparsity. Components left with zero weight are switched off."""
+        ``N_c / M`` without sparsity. Components left with zero weight are switched off,
+        unless ``min_weight > 0``: then every active component keeps at least that weight
+        (a fixed number of components that must not die)."""
         mass = mass.to(self.logits) * self.active
         total = float(mass.sum())
         if self.sparsity:
             mass = (mass - self.sparsity * total).clamp_min(0.0)
+        if min_weight > 0:
+            mass = torch.where(self.active, mass.clamp_min(min_weight * max(total, 1e-12)), mass)
         if not bool((mass > 0).any()):  # keep the heaviest rather than nothing
             mass = torch.zeros_like(mass).index_fill_(0, torch.argmax(mass * 0 + self.weights), 1.0)
         self.active &= mass > 0
