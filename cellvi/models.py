@@ -409,6 +409,9 @@ class GMVAE(_Model):
         overcluster: with ``n_components=K``, train first with about ``3K`` components (at
             most 30), merge them down to exactly ``K`` the same way, then fine-tune; this finds
             better optima than starting from ``K``. ``False`` trains ``K`` components throughout.
+        k_merge: how the over-clustered components are grouped into ``K``: ``"hybrid"``
+            (entropy merging of components that share cells, then weighted Ward on the
+            group means), ``"entropy"`` or ``"ward"`` alone.
         n_hidden, n_layers, dropout, norm: network settings.
 
     Example:
@@ -434,6 +437,7 @@ class GMVAE(_Model):
         prune_threshold: float | None = None,
         merge_threshold: float = 0.1,
         overcluster: bool = True,
+        k_merge: str = "hybrid",
         n_hidden: int = 128,
         n_layers: int = 2,
         dropout: float = 0.0,
@@ -467,7 +471,7 @@ class GMVAE(_Model):
             layer=layer, batch_keys=data.batch_keys, n_components=k, n_start=n_start,
             discover=n_components is None, n_latent=int(n_latent), likelihood=likelihood,
             prune=prune, sparsity=sparsity, prune_threshold=float(prune_threshold),
-            merge_threshold=float(merge_threshold),
+            merge_threshold=float(merge_threshold), k_merge=k_merge,
             n_hidden=int(n_hidden), n_layers=int(n_layers), dropout=float(dropout), norm=norm,
         )
         self.var_names = data.var_names
@@ -623,9 +627,9 @@ class GMVAE(_Model):
             probs = self._responsibilities(data, probe)
             if s["discover"]:
                 groups = merge_components(probs, s["merge_threshold"])
-            else:  # K given: Ward on the component means, weighted by their cells
-                groups = ward_groups(mixture.loc.detach().cpu().numpy(), probs.sum(0),
-                                     s["n_components"])
+            else:  # K given: entropy merging of fragments (down to K at most), then Ward
+                groups = _merge_to_k(probs, mixture.loc.detach().cpu().numpy(),
+                                     s["n_components"], s["merge_threshold"], s["k_merge"])
             if len(groups) < mixture.n_active:
                 logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
                 z = self._encode_means(data, probe)
@@ -752,6 +756,20 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
         g = np.delete(g, j, axis=1)
         groups[i] += groups.pop(j)
     return groups
+
+
+def _merge_to_k(probs, means, k, threshold, how):
+    if how == "ward":
+        return ward_groups(means, probs.sum(0), k)
+    if how == "entropy":
+        return merge_components(probs, n_groups=k)
+    first = merge_components(probs, threshold, n_groups=k)  # "hybrid"
+    if len(first) <= k:
+        return first
+    mass = probs.sum(0)
+    group_mass = np.array([mass[g].sum() for g in first])
+    group_means = np.stack([(mass[g, None] * means[g]).sum(0) / max(mass[g].sum(), 1e-12) for g in first])
+    return [sum((first[i] for i in grp), []) for grp in ward_groups(group_means, group_mass, k)]
 
 
 def ward_groups(means: np.ndarray, mass: np.ndarray, n_groups: int) -> list[list[int]]:

@@ -11,7 +11,7 @@ from torch.distributions import Normal, StudentT
 import cellvi
 from cellvi.decoders import ContinuousDecoder
 from cellvi.metrics import ari
-from cellvi.models import GMVAE, merge_components
+from cellvi.models import GMVAE, merge_components, ward_groups
 
 FAST = dict(max_epochs=8, warmup_epochs=3)
 
@@ -62,6 +62,16 @@ def test_merge_components_joins_split_population_only():
     crisp = np.eye(3)[rng.integers(0, 3, 600)]
     assert len(merge_components(crisp, 0.1)) == 3
     assert len(merge_components(crisp, n_groups=2)) == 2
+
+
+def test_ward_groups_join_small_components_to_their_nearest_neighbour():
+    means = np.array([[0.0, 0.0], [0.5, 0.0], [10.0, 0.0], [20.0, 0.0], [20.4, 0.0]])
+    mass = np.array([1000.0, 5.0, 800.0, 900.0, 900.0])
+    groups = sorted(map(sorted, ward_groups(means, mass, 3)))
+    assert groups == [[0, 1], [2], [3, 4]]
+    assert sorted(map(sorted, ward_groups(means, mass, 1))) == [[0, 1, 2, 3, 4]]
+    # components without mass are left out
+    assert sorted(map(sorted, ward_groups(means, np.array([1.0, 0, 1, 1, 1]), 2))) == [[0, 2], [3, 4]]
 
 
 # -- model and tl --------------------------------------------------------------------------
