@@ -384,12 +384,15 @@ class GMVAE(_Model):
     Markers are standardised (per-marker centre and scale of the training data, stored
     with the model) before they enter the network.
 
-    Training has two phases: a short warm-up with a standard normal prior, after which the
-    mixture is initialised from a diagonal GMM fitted to the warm-up latent (so no component
-    starts empty); then the full model. With ``n_components=None`` it starts from
-    ``DISCOVERY_COMPONENTS`` components under a sparse Dirichlet prior on ``π`` and prunes
-    components whose weight falls below ``prune_threshold`` after each epoch: the number
-    of populations is found, not given.
+    Training: (1) a short warm-up with a standard normal prior and a small KL weight;
+    (2) the mixture is initialised from the moments of a GMM fitted to the warm-up latent (so
+    no component starts empty); (3) the full model, with an M-step for ``π`` after each epoch
+    (the sparse Dirichlet MAP) and pruning; (4) components are grouped into clusters and the
+    model is fine-tuned with one component per cluster. With ``n_components=None`` it starts
+    from ``DISCOVERY_COMPONENTS`` components, empty ones are pruned and components that share
+    their cells are merged (:func:`merge_components`): the number of populations is found,
+    not given. With ``n_components=K`` it starts from about ``3K`` components and groups them
+    into exactly ``K`` (entropy merging, then weighted Ward: :func:`ward_groups`).
 
     Args:
         adata: cells x channels with **transformed** marker values (arcsinh / logicle).
