@@ -590,7 +590,7 @@ class GMVAE(_Model):
         #    that latent or to the markers; each component starts at its cells' latent moments
         rng = np.random.default_rng(seed)
         sub = np.sort(rng.choice(n_obs, size=min(n_obs, 20000), replace=False))
-        z = self._encode_means(data, torch.as_tensor(sub))
+        z, zvar = self._encode_means(data, torch.as_tensor(sub), with_var=True)
         k = s["n_start"]
         if init == "markers":
             xs = self._standardize(d.X[sub])
@@ -599,7 +599,7 @@ class GMVAE(_Model):
         else:
             labels = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed,
                                      n_init=n_init, max_iter=200).fit_predict(z)
-        mixture.init_from(*_moments(z, labels, k))
+        mixture.init_from(*_moments(z, labels, k, zvar))
 
         # 3. the full model; pruning after each epoch
         module.n_obs = n_obs
@@ -635,12 +635,12 @@ class GMVAE(_Model):
                                      s["n_components"], s["merge_threshold"], s["k_merge"])
             if len(groups) < mixture.n_active:
                 logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
-                z = self._encode_means(data, probe)
+                z, zvar = self._encode_means(data, probe, with_var=True)
                 lut = np.full(k, -1)
                 for gi, members in enumerate(groups):
                     lut[members] = gi
                 labels = lut[probs.argmax(1)]
-                w, mu, sd = _moments(z, labels, len(groups))
+                w, mu, sd = _moments(z, labels, len(groups), zvar)
                 mixture.init_from(np.r_[w, np.zeros(k - len(groups))],
                                   np.r_[mu, np.zeros((k - len(groups), mu.shape[1]))],
                                   np.r_[sd, np.ones((k - len(groups), mu.shape[1]))])
@@ -663,10 +663,17 @@ class GMVAE(_Model):
         return self
 
     @torch.no_grad()
-    def _encode_means(self, data: DeviceData, idx: torch.Tensor, batch_size: int = 4096) -> np.ndarray:
+    def _encode_means(self, data: DeviceData, idx: torch.Tensor, batch_size: int = 4096,
+                      with_var: bool = False):
+        """Posterior means of q(z|x) (and, with ``with_var``, the posterior variances)."""
         self.module.eval()
-        out = [self.module.encode(b).mean.cpu() for b in data.iter_batches(idx, batch_size)]
-        return torch.cat(out).numpy()
+        means, variances = [], []
+        for b in data.iter_batches(idx, batch_size):
+            qz = self.module.encode(b)
+            means.append(qz.mean.cpu())
+            variances.append(qz.variance.cpu())
+        z = torch.cat(means).numpy()
+        return (z, torch.cat(variances).numpy()) if with_var else z
 
     @torch.no_grad()
     def _responsibilities(self, data: DeviceData, idx: torch.Tensor, batch_size: int = 4096) -> np.ndarray:
@@ -799,17 +806,24 @@ def ward_groups(means: np.ndarray, mass: np.ndarray, n_groups: int) -> list[list
     return groups
 
 
-def _moments(z: np.ndarray, labels: np.ndarray, k: int):
-    """Weights, means and standard deviations of the groups ``labels`` of ``z`` (an empty
-    group starts at a random cell with the pooled spread and a small weight)."""
+def _moments(z: np.ndarray, labels: np.ndarray, k: int, zvar: np.ndarray | None = None):
+    """Weights, means and standard deviations of the groups ``labels`` of the cells' latent
+    posteriors: ``μ_c`` = mean of their posterior means, ``σ_c² = Var_c(means) + mean_c(posterior
+    variances)`` (the moments of the aggregate posterior of the group, which is what the
+    prior sees through the ELBO's samples; from the means alone a component would be far too
+    narrow in latent dimensions that carry no information). An empty group starts at a random
+    cell with the pooled spread and a small weight."""
+    if zvar is None:
+        zvar = np.zeros_like(z)
     counts = np.bincount(labels, minlength=k).astype(float)
     means = np.zeros((k, z.shape[1]))
-    scales = np.tile(z.std(0) + 1e-3, (k, 1))
+    scales = np.tile(np.sqrt(z.var(0) + zvar.mean(0)) + 1e-3, (k, 1))
     rng = np.random.default_rng(0)
     for c in range(k):
-        members = z[labels == c]
-        if len(members) >= 2:
-            means[c], scales[c] = members.mean(0), members.std(0) + 1e-3
+        members = labels == c
+        if members.sum() >= 2:
+            means[c] = z[members].mean(0)
+            scales[c] = np.sqrt(z[members].var(0) + zvar[members].mean(0)) + 1e-3
         else:
             means[c] = z[rng.integers(len(z))]
     weights = np.maximum(counts, 0.5) / max(counts.sum(), 1.0)
