@@ -361,14 +361,20 @@ def spillover_channels(adata: AnnData) -> list[str]:
     return []
 
 
-def compensated_layers(adata: AnnData) -> set:
-    """Layers (``None`` = X) that :func:`cellvi.pp.compensate` produced or derived from."""
-    log = adata.uns.get("cellvi_preprocessing", {})
-    out = set()
-    if isinstance(log, dict):
-        for entry in np.atleast_1d(log.get("compensated_layers", [])):
-            out.add(None if entry in ("X", None) else str(entry))
-    return out
+#: ``adata.uns`` key where :mod:`cellvi.pp` records what it did
+PREPROCESSING_KEY = "cellvi_preprocessing"
+
+
+def compensated_layers(adata: AnnData) -> list[str]:
+    """Names of the matrices (``"X"`` or a layer) that :func:`cellvi.pp.compensate` produced
+    or that were derived from one, as recorded in ``adata.uns["cellvi_preprocessing"]``."""
+    log = adata.uns.get(PREPROCESSING_KEY)
+    if not isinstance(log, dict):
+        return []
+    entries = log.get("compensated_layers")
+    if entries is None:
+        return []
+    return [str(e) for e in np.atleast_1d(np.asarray(entries, dtype=object)).ravel()]
 
 
 def _check_compensated(adata: AnnData, layer: str | None, var_names: list[str], where: str) -> None:
@@ -381,7 +387,7 @@ def _check_compensated(adata: AnnData, layer: str | None, var_names: list[str], 
     used = sorted(channels & names)
     if not used:
         return
-    if layer in compensated_layers(adata) or (layer is not None and "comp" in layer.lower()):
+    if (layer or "X") in compensated_layers(adata) or (layer is not None and "comp" in layer.lower()):
         return
     warnings.warn(
         f"{where} has fluorescence channels {used[:10]} whose spillover matrix is in "

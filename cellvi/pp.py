@@ -32,13 +32,13 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .data import check_finite, check_writable, get_matrix
+from .data import PREPROCESSING_KEY, check_finite, check_writable, compensated_layers, get_matrix
 
 logger = logging.getLogger("cellvi")
 
 __all__ = ["compensate", "arcsinh", "logicle"]
 
-LOG_KEY = "cellvi_preprocessing"
+LOG_KEY = PREPROCESSING_KEY
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,23 +152,13 @@ def _log(adata: AnnData) -> dict[str, Any]:
     return log
 
 
-def _compensated_layers(adata: AnnData) -> list[str]:
-    log = adata.uns.get(LOG_KEY)
-    if not isinstance(log, dict):
-        return []
-    entries = log.get("compensated_layers")
-    if entries is None:
-        return []
-    return [str(e) for e in np.atleast_1d(np.asarray(entries, dtype=object)).ravel()]
-
-
 def _is_compensated(adata: AnnData, name: str) -> bool:
-    return name in _compensated_layers(adata)
+    return name in compensated_layers(adata)
 
 
 def _mark(adata: AnnData, name: str, compensated: bool) -> None:
     """Keep ``uns[LOG_KEY]["compensated_layers"]`` right after writing ``name``."""
-    layers = [n for n in _compensated_layers(adata) if n != name]
+    layers = [n for n in compensated_layers(adata) if n != name]
     if compensated:
         layers.append(name)
     _log(adata)["compensated_layers"] = layers

@@ -165,7 +165,7 @@ class MixturePrior(nn.Module):
         if min_weight > 0:
             mass = torch.where(self.active, mass.clamp_min(min_weight * max(total, 1e-12)), mass)
         if not bool((mass > 0).any()):  # keep the heaviest rather than nothing
-            mass = torch.zeros_like(mass).index_fill_(0, torch.argmax(mass * 0 + self.weights), 1.0)
+            mass = torch.zeros_like(mass).index_fill_(0, torch.argmax(self.weights), 1.0)
         self.active &= mass > 0
         self.logits.copy_(torch.log(mass.clamp_min(1e-30)))
 
