@@ -558,11 +558,17 @@ class GMVAE(_Model):
                 epochs); early stopping on a 10% validation split usually ends sooner.
             warmup_epochs: epochs of the warm-up (``None``: about 600 steps, at most
                 ``max_epochs``).
+            warmup_beta: KL weight during the warm-up (small: a spread-out latent to cluster).
+            init: the GMM that places the components is fitted to the warm-up ``"latent"``
+                (default) or to the standardised ``"markers"``.
+            n_init: restarts of that GMM.
             batch_size, lr, seed, device, verbose: as in :meth:`NBVAE.fit`.
             **train_kwargs: further arguments of :func:`cellvi.train.train`.
         """
         from sklearn.mixture import GaussianMixture
 
+        if init not in ("latent", "markers"):
+            raise ValueError(f"init must be 'latent' or 'markers', got {init!r}")
         d = self._require_data()
         s = self.settings
         dev = resolve_device(device)
@@ -592,13 +598,9 @@ class GMVAE(_Model):
         sub = np.sort(rng.choice(n_obs, size=min(n_obs, 20000), replace=False))
         z, zvar = self._encode_means(data, torch.as_tensor(sub), with_var=True)
         k = s["n_start"]
-        if init == "markers":
-            xs = self._standardize(d.X[sub])
-            labels = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed,
-                                     n_init=n_init, max_iter=200).fit_predict(xs)
-        else:
-            labels = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed,
-                                     n_init=n_init, max_iter=200).fit_predict(z)
+        space = self._standardize(d.X[sub]) if init == "markers" else z
+        labels = GaussianMixture(k, covariance_type="full", reg_covar=1e-3, random_state=seed,
+                                 n_init=n_init, max_iter=200).fit_predict(space)
         mixture.init_from(*_moments(z, labels, k, zvar))
 
         # 3. the full model; pruning after each epoch
