@@ -370,6 +370,8 @@ class NBVAE(_Model):
 
 #: ``n_components=None`` (population discovery) starts from this many components
 DISCOVERY_COMPONENTS = 30
+WARMUP_STEPS = 300  # optimiser steps of the N(0, I) warm-up (default)
+MIXTURE_STEPS = 1000  # optimiser steps of the mixture phase (default)
 
 
 class GMVAE(_Model):
@@ -441,7 +443,7 @@ class GMVAE(_Model):
         merge_threshold: float = 0.1,
         overcluster: bool = True,
         k_merge: str = "hybrid",
-        n_hidden: int = 128,
+        n_hidden: int = 64,
         n_layers: int = 2,
         dropout: float = 0.0,
         norm: str | None = "batch",
@@ -554,9 +556,10 @@ class GMVAE(_Model):
         the warm-up latent, then the full model (with pruning when enabled).
 
         Args:
-            max_epochs: epochs of the main phase; ``None`` picks about 3,000 steps (10..300
+            max_epochs: epochs of the main phase; ``None`` picks about 1,000 steps but at
+                least 25 epochs (large data need passes, small data need steps; at most 300
                 epochs); early stopping on a 10% validation split usually ends sooner.
-            warmup_epochs: epochs of the warm-up (``None``: about 600 steps, at most
+            warmup_epochs: epochs of the warm-up (``None``: about 300 steps, 5..60 epochs, at most
                 ``max_epochs``).
             warmup_beta: KL weight during the warm-up (small: a spread-out latent to cluster).
             init: the GMM that places the components is fitted to the warm-up ``"latent"``
@@ -577,11 +580,11 @@ class GMVAE(_Model):
         data = self._device_data(d, dev)
         n_obs = data.n_obs
         if warmup_epochs is None:
-            warmup_epochs = default_max_epochs(n_obs, batch_size, target_steps=600, bounds=(3, 60))
+            warmup_epochs = default_max_epochs(n_obs, batch_size, target_steps=WARMUP_STEPS, bounds=(5, 60))
             if max_epochs is not None:  # a short run asked for: a short warm-up too
                 warmup_epochs = min(warmup_epochs, max(1, max_epochs))
         if max_epochs is None:
-            max_epochs = default_max_epochs(n_obs, batch_size, target_steps=3000, bounds=(10, 300))
+            max_epochs = default_max_epochs(n_obs, batch_size, target_steps=MIXTURE_STEPS, bounds=(25, 300))
 
         # 1. warm-up with N(0, I): the latent takes shape before the mixture is placed on it
         mixture = module.prior
