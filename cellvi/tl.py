@@ -162,7 +162,8 @@ def gmvae(
             integer gives exactly that many clusters.
         n_latent: latent dimension.
         likelihood: ``"normal"`` or ``"studentt"`` (robust to outlier events).
-        max_epochs: epochs of the main phase (``None``: about 3,000 steps).
+        max_epochs: epochs of the main phase (``None``: about 1,000 steps, at least 25
+            epochs).
         seed: reproducible on the CPU for a given seed; the global random state is untouched.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ...
         key_added: name of the outputs (see Returns).
@@ -204,9 +205,10 @@ def gmvae(
     model = GMVAE(adata, layer=layer, batch_key=batch_key, n_components=n_components,
                   n_latent=n_latent, likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
-    latent = model.get_latent(adata)
-    labels, probs = model.predict(adata)
-    data = model._prepare(adata)
+    data = model._prepare(adata)  # once, for the latent, the labels and the medians
+    on_device = model._device_data(data, model.device)
+    latent = model._encode_means(on_device, torch.arange(on_device.n_obs)).astype(np.float32)
+    labels, probs = model._labels(on_device)
     if copy:
         adata = adata.copy()
     adata.obs[key_added] = pd.Categorical(labels, categories=labels.categories)
