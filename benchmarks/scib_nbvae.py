@@ -31,20 +31,15 @@ Writes ``<out>/scib_nbvae.md`` and ``<out>/scib_nbvae.json``.
 
 from __future__ import annotations
 
-import os
+import _single_thread  # noqa: F401  (pins thread pools; must come before numpy/torch)
 
-# Single-threaded everything; must happen before numpy/torch/jax/numba are imported.
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS",
-             "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[_var] = "1"
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# isort: split
 
 import argparse  # noqa: E402
 import importlib.metadata as md  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
