@@ -447,7 +447,7 @@ class GMVAE(_Model):
         merge_threshold: float = 0.125,
         overcluster: bool = True,
         k_merge: str = "hybrid",
-        n_hidden: int = 64,
+        n_hidden: int = 128,
         n_layers: int = 2,
         dropout: float = 0.0,
         norm: str | None = "batch",
