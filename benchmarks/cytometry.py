@@ -102,6 +102,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import import_cellvi, log, purge_cellvi  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -117,33 +118,6 @@ LEIDEN_RES_RANGE = (0.01, 3.0)
 LEIDEN_MAX_TRIES = 12
 N_NEIGHBORS = 15
 MIXING_EVENTS = 20000  # iLISI/kBET on a fixed random subsample of the scored events
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _purge_cellvi() -> None:
-    for mod in [m for m in sys.modules if m == "cellvi" or m.startswith("cellvi.")]:
-        del sys.modules[mod]
-
-
-def _import_cellvi(retries: int = 3, wait: float = 60.0):
-    """Import cellvi, retrying when the (concurrently edited) package fails to import."""
-    for attempt in range(retries + 1):
-        try:
-            import cellvi
-            import cellvi.metrics  # noqa: F401
-            import cellvi.pp  # noqa: F401
-            import cellvi.tl  # noqa: F401
-            return cellvi
-        except Exception as err:  # noqa: BLE001
-            if attempt == retries:
-                raise
-            log(f"cellvi import failed ({type(err).__name__}: {err}); retrying in {wait:.0f} s")
-            _purge_cellvi()
-            time.sleep(wait)
-    raise RuntimeError("unreachable")
 
 
 def _data_dir() -> Path:
@@ -176,7 +150,7 @@ def load_input(name: str) -> dict:
             d.update(X=shipped, matrix='layers["compensated_logicle"] (as shipped), 10 '
                                        'fluorescence channels with a marker')
         else:
-            cellvi = _import_cellvi()
+            cellvi = import_cellvi()
             t0 = time.perf_counter()
             cellvi.pp.compensate(a)  # spillover from uns["spillover_text"] -> layers["compensated"]
             cellvi.pp.logicle(a, layer="compensated", key_added="logicle")
@@ -241,7 +215,7 @@ def run_cellvi(d: dict, seed: int, settings: list[str], store: dict,
     out = {}
     for setting in settings:
         for attempt in range(retries + 1):
-            cellvi = _import_cellvi()
+            cellvi = import_cellvi()
             torch.set_num_threads(1)
             a = make_adata(d)
             try:
@@ -256,7 +230,7 @@ def run_cellvi(d: dict, seed: int, settings: list[str], store: dict,
                     raise
                 log(f"   cellvi.tl.gmvae failed ({type(err).__name__}: {err}); "
                     f"the package may be mid-edit, retrying in {wait:.0f} s")
-                _purge_cellvi()
+                purge_cellvi()
                 time.sleep(wait)
         uns = res.uns.get("gmvae", {})
         hist = uns.get("history", {}) or {}
@@ -720,7 +694,7 @@ def main(argv=None) -> None:
     stem = "cytometry_quick" if args.quick else "cytometry"
     t_start = time.perf_counter()
     git = _git_state()
-    _import_cellvi()
+    import_cellvi()
     warm_up()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import import_cellvi, log  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -63,32 +64,12 @@ BIO_COLS = ["Isolated labels", "KMeans NMI", "KMeans ARI", "Silhouette label", "
 AGG_COLS = ["Batch correction", "Bio conservation", "Total"]
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _import_cellvi(retries: int = 3, wait: float = 60.0):
-    """Import cellvi, retrying when the (concurrently edited) package fails to import."""
-    for attempt in range(retries + 1):
-        try:
-            import cellvi
-            import cellvi.tl  # noqa: F401
-            return cellvi
-        except Exception as err:  # noqa: BLE001
-            if attempt == retries:
-                raise
-            log(f"cellvi import failed ({type(err).__name__}: {err}); retrying in {wait:.0f} s")
-            for mod in [m for m in sys.modules if m == "cellvi" or m.startswith("cellvi.")]:
-                del sys.modules[mod]
-            time.sleep(wait)
-
-
 def load_dataset(name: str):
     import anndata as ad
 
     if "CELLVI_DATA_DIR" not in os.environ:
         os.environ["CELLVI_DATA_DIR"] = str((REPO / ".." / "shared" / "data").resolve())
-    cellvi = _import_cellvi()
+    cellvi = import_cellvi()
     try:
         return cellvi.datasets.load(name)
     except KeyError:  # not in the registry: read the file directly
@@ -160,7 +141,7 @@ def run_scvi(adata, seed: int) -> tuple[np.ndarray, float, dict]:
 
 def run_cellvi(adata, seed: int, retries: int = 3, wait: float = 60.0):
     for attempt in range(retries + 1):
-        cellvi = _import_cellvi()
+        cellvi = import_cellvi()
         torch.set_num_threads(1)
         a = adata.copy()
         try:
@@ -389,7 +370,7 @@ def main(argv=None) -> None:
         args.seeds = [0] + args.seeds
     t_start = time.perf_counter()
     args.git = _git_state()  # at start: cellvi is imported once, so this is the code measured
-    _import_cellvi()
+    import_cellvi()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
