@@ -123,6 +123,8 @@ def test_gmvae_result_writes_to_h5ad(discovered, tmp_path):
 
 def test_predict_new_sample_and_save_load(cyto, discovered, tmp_path):
     out, model = discovered
+    # tl.gmvae's outputs are the model's: latent means and labels of the same cells
+    np.testing.assert_allclose(model.get_latent(cyto), out.obsm["X_gmvae"], atol=1e-6)
     other = cyto[cyto.obs["batch"] == "b1"].copy()
     labels, probs = model.predict(other)
     np.testing.assert_array_equal(labels.codes, out.obs["gmvae"][cyto.obs["batch"] == "b1"].cat.codes)
