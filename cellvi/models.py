@@ -394,7 +394,7 @@ class GMVAE(_Model):
     from ``DISCOVERY_COMPONENTS`` components, empty ones are pruned and components that share
     their cells are merged (:func:`merge_components`): the number of populations is found,
     not given. With ``n_components=K`` it starts from about ``3K`` components and groups them
-    into exactly ``K`` (entropy merging, then weighted Ward: :func:`ward_groups`).
+    into exactly ``K`` (entropy merging: the pair that shares the most cells first).
 
     Args:
         adata: cells x channels with **transformed** marker values (arcsinh / logicle).
@@ -418,9 +418,6 @@ class GMVAE(_Model):
         overcluster: with ``n_components=K``, train first with about ``3K`` components (at
             most 30), merge them down to exactly ``K`` the same way, then fine-tune; this finds
             better optima than starting from ``K``. ``False`` trains ``K`` components throughout.
-        k_merge: how the over-clustered components are grouped into ``K``: ``"hybrid"``
-            (entropy merging of components that share cells, then weighted Ward on the
-            group means), ``"entropy"`` or ``"ward"`` alone.
         n_hidden, n_layers, dropout, norm: network settings.
 
     Example:
@@ -446,7 +443,6 @@ class GMVAE(_Model):
         prune_threshold: float | None = None,
         merge_threshold: float = 0.125,
         overcluster: bool = True,
-        k_merge: str = "hybrid",
         n_hidden: int = 128,
         n_layers: int = 2,
         dropout: float = 0.0,
@@ -480,7 +476,7 @@ class GMVAE(_Model):
             layer=layer, batch_keys=data.batch_keys, n_components=k, n_start=n_start,
             discover=n_components is None, n_latent=int(n_latent), likelihood=likelihood,
             prune=prune, sparsity=sparsity, prune_threshold=float(prune_threshold),
-            merge_threshold=float(merge_threshold), k_merge=k_merge,
+            merge_threshold=float(merge_threshold),
             n_hidden=int(n_hidden), n_layers=int(n_layers), dropout=float(dropout), norm=norm,
         )
         self.var_names = data.var_names
@@ -642,9 +638,8 @@ class GMVAE(_Model):
             probs = self._responsibilities(data, probe)
             if s["discover"]:
                 groups = merge_components(probs, s["merge_threshold"])
-            else:  # K given: entropy merging of fragments (down to K at most), then Ward
-                groups = _merge_to_k(probs, mixture.loc.detach().cpu().numpy(),
-                                     s["n_components"], s["merge_threshold"], s["k_merge"])
+            else:  # K given: merge the most entangled pairs down to exactly K
+                groups = merge_components(probs, n_groups=s["n_components"])
             if len(groups) < mixture.n_active:
                 logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
                 z, zvar = self._encode_means(data, probe, with_var=True)
@@ -779,44 +774,6 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
         g[:, i] += g[:, j]
         g = np.delete(g, j, axis=1)
         groups[i] += groups.pop(j)
-    return groups
-
-
-def _merge_to_k(probs, means, k, threshold, how):
-    if how == "ward":
-        return ward_groups(means, probs.sum(0), k)
-    if how == "entropy":
-        return merge_components(probs, n_groups=k)
-    first = merge_components(probs, threshold, n_groups=k)  # "hybrid"
-    if len(first) <= k:
-        return first
-    mass = probs.sum(0)
-    group_mass = np.array([mass[g].sum() for g in first])
-    group_means = np.stack([(mass[g, None] * means[g]).sum(0) / max(mass[g].sum(), 1e-12) for g in first])
-    return [sum((first[i] for i in grp), []) for grp in ward_groups(group_means, group_mass, k)]
-
-
-def ward_groups(means: np.ndarray, mass: np.ndarray, n_groups: int) -> list[list[int]]:
-    """Group components (rows of ``means`` with ``mass > 0``) into ``n_groups`` by weighted
-    Ward agglomeration: merge the pair with the smallest increase of the within-group sum of
-    squares, ``n_i n_j / (n_i + n_j) |m_i - m_j|²`` (small components join their nearest
-    neighbour first, as in FlowSOM's metaclustering of its nodes)."""
-    cols = [c for c in range(len(mass)) if mass[c] > 0]
-    groups = [[c] for c in cols]
-    m = [np.asarray(means[c], dtype=np.float64) for c in cols]
-    n = [float(mass[c]) for c in cols]
-    while len(groups) > max(1, n_groups):
-        best, pair = np.inf, None
-        for i in range(len(groups)):
-            for j in range(i + 1, len(groups)):
-                cost = n[i] * n[j] / (n[i] + n[j]) * float(np.sum((m[i] - m[j]) ** 2))
-                if cost < best:
-                    best, pair = cost, (i, j)
-        i, j = pair
-        m[i] = (n[i] * m[i] + n[j] * m[j]) / (n[i] + n[j])
-        n[i] += n[j]
-        groups[i] += groups.pop(j)
-        m.pop(j), n.pop(j)
     return groups
 
 

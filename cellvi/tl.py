@@ -25,7 +25,7 @@ _FIT_KWARGS = ("batch_size", "lr") + tuple(
 
 
 _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
-                       "overcluster", "k_merge", "n_hidden", "n_layers", "dropout", "norm")
+                       "overcluster", "n_hidden", "n_layers", "dropout", "norm")
 _GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init")
 
 

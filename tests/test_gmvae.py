@@ -11,7 +11,7 @@ from torch.distributions import Normal, StudentT
 import cellvi
 from cellvi.decoders import ContinuousDecoder
 from cellvi.metrics import ari
-from cellvi.models import GMVAE, merge_components, ward_groups
+from cellvi.models import GMVAE, merge_components
 
 FAST = dict(max_epochs=8, warmup_epochs=3)
 
@@ -64,17 +64,6 @@ def test_merge_components_joins_split_population_only():
     assert len(merge_components(crisp, n_groups=2)) == 2
 
 
-def test_ward_groups_join_small_components_to_their_nearest_neighbour():
-    means = np.array([[0.0, 0.0], [0.5, 0.0], [10.0, 0.0], [20.0, 0.0], [20.4, 0.0]])
-    mass = np.array([1000.0, 5.0, 800.0, 900.0, 900.0])
-    groups = sorted(map(sorted, ward_groups(means, mass, 3)))
-    assert groups == [[0, 1], [2], [3, 4]]
-    assert sorted(map(sorted, ward_groups(means, mass, 1))) == [[0, 1, 2, 3, 4]]
-    # components without mass are left out
-    assert sorted(map(sorted, ward_groups(means, np.array([1.0, 0, 1, 1, 1]), 2))) == [[0, 2], [3, 4]]
-
-
-# -- model and tl --------------------------------------------------------------------------
 def test_discovery_recovers_populations(cyto, discovered):
     """n_components=None on the simulator: number of populations within ±1, ARI >= 0.9."""
     out, model = discovered
@@ -147,6 +136,7 @@ def test_fixed_k_gives_exactly_k_clusters_and_is_reproducible(tiny):
     assert list(a.obs["gmvae"].cat.categories) == ["0", "1", "2"]
     np.testing.assert_array_equal(a.obsm["X_gmvae"], b.obsm["X_gmvae"])
     assert a.uns["gmvae"]["settings"]["n_clusters"] == 3
+    assert a.uns["gmvae"]["settings"]["n_start"] > 3  # over-clustered, then merged down to K
 
 
 def test_studentt_and_markers_and_layer(tiny):
