@@ -388,8 +388,8 @@ class GMVAE(_Model):
 
     Training: (1) a short warm-up with a standard normal prior and a small KL weight;
     (2) the mixture is initialised from the moments, in the warm-up latent, of the groups of a
-    GMM fitted to the standardised markers (so no component starts empty); (3) the full model, with an M-step for ``π`` after each epoch
-    (the sparse Dirichlet MAP) and pruning; (4) components are grouped into clusters and the
+    GMM fitted to the standardised markers (so no component starts empty); (3) the full
+    model, with an M-step for ``π`` after each epoch (the sparse Dirichlet MAP) and pruning; (4) components are grouped into clusters and the
     model is fine-tuned with one component per cluster. With ``n_components=None`` it starts
     from ``DISCOVERY_COMPONENTS`` components, empty ones are pruned and components that share
     their cells are merged (:func:`merge_components`): the number of populations is found,
@@ -412,9 +412,9 @@ class GMVAE(_Model):
         merge_threshold: discovery only: components whose responsibilities overlap by more
             than this (entropy drop per cell, see :func:`merge_components`) are merged into
             one cluster after training, followed by a short fine-tune; ``0`` disables. The
-            default 0.125 is a measured trade-off: 0.1 merges adjacent real populations
-            (NK / NK T on flowsom_68983), 0.15 leaves one simulated Gaussian population in
-            two clusters (``benchmarks/results/cytometry.md``).
+            default 0.125 is a measured trade-off (tuning runs): 0.1 merged adjacent real
+            populations (NK with NK T cells on flowsom_68983) in 3 of 4 seeds, 0.15 split
+            simulated Gaussian populations (7 found for 5) in 2 of 4 data seeds.
         overcluster: with ``n_components=K``, train first with about ``3K`` components (at
             most 30), merge them down to exactly ``K`` the same way, then fine-tune; this finds
             better optima than starting from ``K``. ``False`` trains ``K`` components throughout.
@@ -553,20 +553,23 @@ class GMVAE(_Model):
         **train_kwargs: Any,
     ) -> GMVAE:
         """Train: a warm-up with a standard normal prior, GMM initialisation of the mixture
-        (groups found on the markers, placed at their moments in the warm-up latent), then the full model (with pruning when enabled).
+        (groups found on the markers, placed at their moments in the warm-up latent), then
+        the full model (with pruning when enabled).
 
         Args:
             max_epochs: epochs of the main phase; ``None`` picks about 1,000 steps but at
                 least 25 epochs (large data need passes, small data need steps; at most 300
                 epochs); early stopping on a 10% validation split usually ends sooner.
-            warmup_epochs: epochs of the warm-up (``None``: about 300 steps, 5..60 epochs, at most
-                ``max_epochs``).
+            warmup_epochs: epochs of the warm-up (``None``: about 300 steps, 5..60 epochs,
+                at most ``max_epochs``).
             warmup_beta: KL weight during the warm-up (small: a spread-out latent to cluster).
             init: the GMM that places the components is fitted to the standardised
                 ``"markers"`` (default) or to the warm-up ``"latent"``; either way each
                 component starts at the latent moments of its cells. Markers found the small
-                populations of the Spectre file better (default-setting F1 0.76 vs 0.71 over 5
-                seeds); the latent did better on the curved populations of the simulator.
+                populations of the Spectre file better (benchmarks/cytometry.py, 5 seeds,
+                default-setting F1 0.762 vs 0.723 with ``"latent"``; flowsom_68983 with K
+                given 0.778 vs 0.739); the latent did better on the simulator's curved
+                populations.
             n_init: restarts of that GMM.
             batch_size, lr, seed, device, verbose: as in :meth:`NBVAE.fit`.
             **train_kwargs: further arguments of :func:`cellvi.train.train`.
@@ -583,11 +586,13 @@ class GMVAE(_Model):
         data = self._device_data(d, dev)
         n_obs = data.n_obs
         if warmup_epochs is None:
-            warmup_epochs = default_max_epochs(n_obs, batch_size, target_steps=WARMUP_STEPS, bounds=(5, 60))
+            warmup_epochs = default_max_epochs(n_obs, batch_size, target_steps=WARMUP_STEPS,
+                                               bounds=(5, 60))
             if max_epochs is not None:  # a short run asked for: a short warm-up too
                 warmup_epochs = min(warmup_epochs, max(1, max_epochs))
         if max_epochs is None:
-            max_epochs = default_max_epochs(n_obs, batch_size, target_steps=MIXTURE_STEPS, bounds=(25, 300))
+            max_epochs = default_max_epochs(n_obs, batch_size, target_steps=MIXTURE_STEPS,
+                                            bounds=(25, 300))
 
         # 1. warm-up with N(0, I): the latent takes shape before the mixture is placed on it
         mixture = module.prior
