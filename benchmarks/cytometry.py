@@ -87,22 +87,22 @@ import _single_thread  # noqa: F401  (pins thread pools; must come before numpy/
 
 # isort: split
 
-import argparse  # noqa: E402
-import importlib.metadata as md  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
+import argparse
+import importlib.metadata as md
+import json
+import logging
 import os
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import import_cellvi, log, purge_cellvi  # noqa: E402
+import numpy as np
+import torch
+from _common import import_cellvi, log, purge_cellvi
 
 torch.set_num_threads(1)
 
