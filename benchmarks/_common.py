@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
+import os
+import platform
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def log(msg: str) -> None:
@@ -33,3 +40,37 @@ def import_cellvi(retries: int = 3, wait: float = 60.0):
             purge_cellvi()
             time.sleep(wait)
     raise RuntimeError("unreachable")
+
+
+def git_state() -> dict:
+    """Commit of the checkout the benchmark runs from, its uncommitted changes (``git diff
+    --stat``; ``cellvi_dirty``: any under ``cellvi/``) and the time."""
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return dict(head=git("rev-parse", "--short", "HEAD"), diff_stat=git("diff", "--stat"),
+                cellvi_dirty=bool(git("status", "--porcelain", "--", "cellvi")),
+                time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+
+
+def data_dir() -> Path:
+    """``$CELLVI_DATA_DIR``, set to ``../shared/data`` beside the repository when unset."""
+    if "CELLVI_DATA_DIR" not in os.environ:
+        os.environ["CELLVI_DATA_DIR"] = str((REPO / ".." / "shared" / "data").resolve())
+    return Path(os.environ["CELLVI_DATA_DIR"])
+
+
+def versions(packages) -> dict:
+    """Python's version and each package's installed version (``None`` if not installed)."""
+    out = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out

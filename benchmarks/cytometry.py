@@ -88,13 +88,11 @@ import _single_thread  # noqa: F401  (pins thread pools; must come before numpy/
 # isort: split
 
 import argparse
-import importlib.metadata as md
 import json
 import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 import warnings
@@ -102,7 +100,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import import_cellvi, log, purge_cellvi
+from _common import data_dir, git_state, import_cellvi, log, purge_cellvi, versions
 
 torch.set_num_threads(1)
 
@@ -120,16 +118,10 @@ N_NEIGHBORS = 15
 MIXING_EVENTS = 20000  # iLISI/kBET on a fixed random subsample of the scored events
 
 
-def _data_dir() -> Path:
-    if "CELLVI_DATA_DIR" not in os.environ:
-        os.environ["CELLVI_DATA_DIR"] = str((REPO / ".." / "shared" / "data").resolve())
-    return Path(os.environ["CELLVI_DATA_DIR"])
-
-
 def _read(name: str):
     import anndata as ad
 
-    return ad.read_h5ad(_data_dir() / f"{name}.h5ad")
+    return ad.read_h5ad(data_dir() / f"{name}.h5ad")
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,26 +492,9 @@ def _jsonable(x):
     return str(x)
 
 
-def _git_state() -> dict:
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return dict(head=git("rev-parse", "--short", "HEAD"), diff_stat=git("diff", "--stat"),
-                time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-
-
 def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("cellvi", "torch", "scvi-tools", "flowsom", "scikit-learn", "scanpy", "leidenalg",
-                "igraph", "harmonypy", "anndata", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return versions(("cellvi", "torch", "scvi-tools", "flowsom", "scikit-learn", "scanpy",
+                     "leidenalg", "igraph", "harmonypy", "anndata", "numpy"))
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -693,7 +668,7 @@ def main(argv=None) -> None:
     cyto_seeds = args.cytovi_seeds if args.cytovi_seeds is not None else args.seeds
     stem = "cytometry_quick" if args.quick else "cytometry"
     t_start = time.perf_counter()
-    git = _git_state()
+    git = git_state()
     import_cellvi()
     warm_up()
     out = Path(args.out)

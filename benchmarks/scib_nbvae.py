@@ -36,7 +36,6 @@ import _single_thread  # noqa: F401  (pins thread pools; must come before numpy/
 # isort: split
 
 import argparse
-import importlib.metadata as md
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import import_cellvi, log
+from _common import data_dir, git_state, import_cellvi, log, versions
 
 torch.set_num_threads(1)
 
@@ -67,8 +66,7 @@ AGG_COLS = ["Batch correction", "Bio conservation", "Total"]
 def load_dataset(name: str):
     import anndata as ad
 
-    if "CELLVI_DATA_DIR" not in os.environ:
-        os.environ["CELLVI_DATA_DIR"] = str((REPO / ".." / "shared" / "data").resolve())
+    data_dir()  # sets CELLVI_DATA_DIR when unset
     cellvi = import_cellvi()
     try:
         return cellvi.datasets.load(name)
@@ -233,30 +231,9 @@ def benchmark_dataset(name: str, seeds: list[int]) -> dict:
                 scib_columns=list(scores.columns))
 
 
-def _git_state() -> dict:
-    """Commit and uncommitted-change flag of the cellvi sources this process imports."""
-    import subprocess
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    return dict(head=git("rev-parse", "--short", "HEAD"),
-                cellvi_dirty=bool(git("status", "--porcelain", "--", "cellvi")),
-                time=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-
-
 def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("cellvi", "torch", "scvi-tools", "scib-metrics", "harmonypy", "scanpy",
-                "anndata", "numpy", "jax", "lightning"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return versions(("cellvi", "torch", "scvi-tools", "scib-metrics", "harmonypy", "scanpy",
+                     "anndata", "numpy", "jax", "lightning"))
 
 
 def _fmt(v, nd=3):
@@ -369,7 +346,7 @@ def main(argv=None) -> None:
     if 0 not in args.seeds:
         args.seeds = [0] + args.seeds
     t_start = time.perf_counter()
-    args.git = _git_state()  # at start: cellvi is imported once, so this is the code measured
+    args.git = git_state()  # at start: cellvi is imported once, so this is the code measured
     import_cellvi()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
