@@ -38,8 +38,6 @@ logger = logging.getLogger("cellvi")
 
 __all__ = ["compensate", "arcsinh", "logicle"]
 
-LOG_KEY = PREPROCESSING_KEY
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -145,19 +143,15 @@ def _store(adata: AnnData, out: np.ndarray, dtype: np.dtype, layer: str | None,
 
 
 def _log(adata: AnnData) -> dict[str, Any]:
-    log = adata.uns.get(LOG_KEY)
+    log = adata.uns.get(PREPROCESSING_KEY)
     if not isinstance(log, dict):
         log = {}
-        adata.uns[LOG_KEY] = log
+        adata.uns[PREPROCESSING_KEY] = log
     return log
 
 
-def _is_compensated(adata: AnnData, name: str) -> bool:
-    return name in compensated_layers(adata)
-
-
 def _mark(adata: AnnData, name: str, compensated: bool) -> None:
-    """Keep ``uns[LOG_KEY]["compensated_layers"]`` right after writing ``name``."""
+    """Keep ``uns[PREPROCESSING_KEY]["compensated_layers"]`` right after writing ``name``."""
     layers = [n for n in compensated_layers(adata) if n != name]
     if compensated:
         layers.append(name)
@@ -165,7 +159,7 @@ def _mark(adata: AnnData, name: str, compensated: bool) -> None:
 
 
 def _transformed_by(adata: AnnData, name: str) -> str | None:
-    log = adata.uns.get(LOG_KEY)
+    log = adata.uns.get(PREPROCESSING_KEY)
     if not isinstance(log, dict):
         return None
     for step in ("arcsinh", "logicle"):
@@ -358,9 +352,9 @@ def compensate(
 
     adata = _prepare(adata, copy)
     in_name = _name(layer)
-    if _is_compensated(adata, in_name):
+    if in_name in compensated_layers(adata):
         raise ValueError(
-            f"{_where(layer)} is already compensated (see adata.uns[{LOG_KEY!r}]); "
+            f"{_where(layer)} is already compensated (see adata.uns[{PREPROCESSING_KEY!r}]); "
             "compensating twice gives wrong values. Compensate the raw data instead."
         )
     step = _transformed_by(adata, in_name)
@@ -526,7 +520,7 @@ def arcsinh(
     X, dtype = _read_dense(adata, layer)
     _check_finite(X, idx, adata, layer)
     X[:, idx] = np.arcsinh(X[:, idx] / cof)
-    compensated = _is_compensated(adata, in_name)
+    compensated = in_name in compensated_layers(adata)
     out_name = _store(adata, X, dtype, layer, key_added)
     _mark(adata, out_name, compensated)
     _log(adata)["arcsinh"] = _transform_record(adata, in_name, out_name, idx, compensated,
@@ -611,7 +605,7 @@ def logicle(
     X = _flowutils_logicle(X, idx, t=t, m=m, w=w, a=a)
     if output_scale == "decades":
         X[:, idx] *= m
-    compensated = _is_compensated(adata, in_name)
+    compensated = in_name in compensated_layers(adata)
     out_name = _store(adata, X, dtype, layer, key_added)
     _mark(adata, out_name, compensated)
     _log(adata)["logicle"] = _transform_record(
