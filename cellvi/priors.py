@@ -50,9 +50,20 @@ class GaussianMixture(Distribution):
         super().__init__(torch.Size(), torch.Size(loc.shape[-1:]), validate_args=validate_args)
 
     def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """``log N(z; μ_c, σ_c²)`` for every component: shape ``(*z.shape[:-1], K)``."""
-        diff = (z.unsqueeze(-2) - self.loc) / self.scale
-        return (-0.5 * diff.pow(2) - self.scale.log()).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+        """``log N(z; μ_c, σ_c²)`` for every component: shape ``(*z.shape[:-1], K)``.
+
+        The Mahalanobis term ``Σ_d (z_d - μ_cd)² / σ_cd²`` is expanded into two matrix
+        products, ``z² · (1/σ²)ᵀ - 2 z · (μ/σ²)ᵀ + Σ_d μ_cd²/σ_cd²``, instead of forming the
+        ``(cells, K, D)`` differences: on the CPU that was a third of a GMVAE training step.
+        The products run in float64, so the cancellation between the terms costs nothing
+        measurable (tests compare with ``MixtureSameFamily`` to 1e-5).
+        """
+        prec = self.scale.double().pow(-2)  # (K, D)
+        loc = self.loc.double()
+        zd = z.double()
+        maha = (zd * zd) @ prec.T - 2.0 * (zd @ (loc * prec).T) + (loc * loc * prec).sum(-1)
+        log_norm = 0.5 * prec.log().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+        return (log_norm - 0.5 * maha.clamp_min(0.0)).to(z.dtype)
 
     def joint_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """``log π_c + log N(z; μ_c, σ_c²)``, shape ``(..., K)``."""
