@@ -372,6 +372,7 @@ class NBVAE(_Model):
 DISCOVERY_COMPONENTS = 30
 WARMUP_STEPS = 300  # optimiser steps of the N(0, I) warm-up (default)
 MIXTURE_STEPS = 1000  # optimiser steps of the mixture phase (default)
+MIXTURE_EPOCHS = (25, 300)  # bounds on the mixture phase's epochs (default)
 
 
 class GMVAE(_Model):
@@ -592,7 +593,7 @@ class GMVAE(_Model):
                 warmup_epochs = min(warmup_epochs, max(1, max_epochs))
         if max_epochs is None:
             max_epochs = default_max_epochs(n_obs, batch_size, target_steps=MIXTURE_STEPS,
-                                            bounds=(25, 300))
+                                            bounds=MIXTURE_EPOCHS)
 
         # 1. warm-up with N(0, I): the latent takes shape before the mixture is placed on it
         mixture = module.prior
