@@ -373,6 +373,7 @@ DISCOVERY_COMPONENTS = 30
 WARMUP_STEPS = 300  # optimiser steps of the N(0, I) warm-up (default)
 MIXTURE_STEPS = 1000  # optimiser steps of the mixture phase (default)
 MIXTURE_EPOCHS = (25, 300)  # bounds on the mixture phase's epochs (default)
+INIT_CELLS = 20000  # cells (at most) of the GMM that places the components
 
 
 class GMVAE(_Model):
@@ -607,7 +608,7 @@ class GMVAE(_Model):
         # 2. initialise the components on the warm-up latent, from a GMM fitted either to
         #    that latent or to the markers; each component starts at its cells' latent moments
         rng = np.random.default_rng(seed)
-        sub = np.sort(rng.choice(n_obs, size=min(n_obs, 20000), replace=False))
+        sub = np.sort(rng.choice(n_obs, size=min(n_obs, INIT_CELLS), replace=False))
         z, zvar = self._encode_means(data, torch.as_tensor(sub), with_var=True)
         k = s["n_start"]
         space = self._standardize(d.X[sub]) if init == "markers" else z
