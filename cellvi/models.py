@@ -374,6 +374,7 @@ WARMUP_STEPS = 300  # optimiser steps of the N(0, I) warm-up (default)
 MIXTURE_STEPS = 1000  # optimiser steps of the mixture phase (default)
 MIXTURE_EPOCHS = (25, 300)  # bounds on the mixture phase's epochs (default)
 INIT_CELLS = 20000  # cells (at most) of the GMM that places the components
+PROBE_CELLS = 10000  # cells (at most) whose responsibilities update π and decide merges
 
 
 class GMVAE(_Model):
@@ -620,7 +621,9 @@ class GMVAE(_Model):
         module.n_obs = n_obs
         n_active: list[int] = []
 
-        probe = torch.as_tensor(sub[: 10000])
+        # a random probe of cells for the π M-step and the merge (a random subset of `sub`: its
+        # first cells would come from the start of the file, e.g. one batch only)
+        probe = torch.as_tensor(np.sort(rng.choice(sub, size=min(len(sub), PROBE_CELLS), replace=False)))
 
         def on_epoch_end(epoch: int) -> None:
             # M-step for π on the responsibilities of a fixed probe of cells (Dirichlet MAP)

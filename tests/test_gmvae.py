@@ -73,6 +73,23 @@ def test_discovery_recovers_populations(cyto, discovered):
     assert model.history["n_components"][0] == 30  # started from the upper bound
 
 
+def test_population_of_the_last_batch_in_the_file_is_found():
+    """Cells sorted by batch, one population only in the last batch: the cells that update
+    π and decide merges must be drawn from the whole file, not from its start."""
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0, 0, 0], [4, 4, 0, 0], [0, 4, 4, 4]])
+    pops = np.r_[rng.integers(0, 2, 10000), rng.choice(3, 10000, p=[0.4, 0.4, 0.2])]
+    X = (centres[pops] + rng.normal(0, 0.5, (20000, 4))).astype(np.float32)
+    obs = pd.DataFrame({"batch": pd.Categorical(np.repeat(["A", "B"], 10000))},
+                       index=[f"c{i}" for i in range(20000)])
+    adata = ad.AnnData(X, obs=obs)
+    model = GMVAE(adata, batch_key="batch", n_hidden=32, n_layers=1).fit(n_init=1, verbose=False, **FAST)
+    labels, _ = model.predict(adata)
+    assert ari(pops, labels) >= 0.9, pd.crosstab(pops, np.asarray(labels))
+
+
 def test_gmvae_writes_documented_keys(cyto, discovered):
     out, model = discovered
     k = model.n_clusters
