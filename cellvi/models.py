@@ -374,7 +374,9 @@ WARMUP_STEPS = 300  # optimiser steps of the N(0, I) warm-up (default)
 MIXTURE_STEPS = 1000  # optimiser steps of the mixture phase (default)
 MIXTURE_EPOCHS = (25, 300)  # bounds on the mixture phase's epochs (default)
 INIT_CELLS = 20000  # cells (at most) of the GMM that places the components
-PROBE_CELLS = 10000  # cells (at most) whose responsibilities update π and decide merges
+# cells (at most) whose responsibilities update π and decide merges; 20,000 (the whole GMM
+# subsample) vs 10,000, 5 seeds: Spectre default F1 0.758 vs 0.737, about 1 s more per fit
+PROBE_CELLS = 20000
 
 
 class GMVAE(_Model):
