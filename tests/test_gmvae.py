@@ -64,6 +64,27 @@ def test_merge_components_joins_split_population_only():
     assert len(merge_components(crisp, n_groups=2)) == 2
 
 
+def test_merge_to_k_folds_a_tiny_isolated_group_before_joining_populations():
+    """K given: once the groups are distinct, the smallest one is absorbed (by the group it
+    shares most cells with), not two real populations joined (flowsom_68983's dead-cell
+    speck vs NK / NK T cells)."""
+    rng = np.random.default_rng(1)
+    # rows: a big population split over components 0 and 1, two distinct populations
+    # (components 2 and 3) and a speck of 40 cells (component 4)
+    probs = np.full((2640, 5), 1e-6)
+    shared = rng.uniform(0.3, 0.7, 2000)
+    probs[:2000, 0], probs[:2000, 1] = shared, 1 - shared
+    probs[2000:2300, 2] = probs[2300:2600, 3] = probs[2600:, 4] = 1.0
+    probs[2300:2600, 2] = 0.02  # population 3 touches population 2 a little
+    probs[2600:, 3] = 0.005  # the speck touches population 3, barely
+    probs /= probs.sum(1, keepdims=True)
+    groups = sorted(map(sorted, merge_components(probs, 0.125, n_groups=3)))
+    assert groups == [[0, 1], [2], [3, 4]]
+    # the former rule (always the most entangled pair) joined populations 2 and 3 instead
+    legacy = sorted(map(sorted, merge_components(probs, 0.0, n_groups=3)))
+    assert legacy == [[0, 1], [2, 3], [4]]
+
+
 def test_discovery_recovers_populations(cyto, discovered):
     """n_components=None on the simulator: number of populations within ±1, ARI >= 0.9."""
     out, model = discovered
