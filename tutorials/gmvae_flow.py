@@ -127,7 +127,9 @@ fig = sc.pl.umap(adata, color=["gmvae", "cell_type"], show=False, return_fig=Tru
 # %% [markdown]
 # ## A fixed number of clusters
 # To get exactly K clusters, pass `n_components=K`. The model first fits about 3K components,
-# then merges the most entangled ones down to K. Use `key_added` to keep both results.
+# then merges the most entangled ones; when only distinct groups are left and there are still
+# more than K, the smallest group joins the one it shares most cells with. Use `key_added` to
+# keep both results.
 
 # %%
 cellvi.tl.gmvae(adata, layer="logicle", markers=markers, n_components=6, key_added="gmvae6",
