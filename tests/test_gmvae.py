@@ -18,8 +18,10 @@ FAST = dict(max_epochs=8, warmup_epochs=3)
 
 @pytest.fixture(scope="session")
 def cyto():
-    """5 populations (known), 10 markers, 2 batches with a marker shift; never modified."""
-    return cellvi.datasets.synthetic_cytometry(3000, 10, n_populations=5, seed=0)
+    """5 populations (known), 10 markers, 2 batches with a marker shift; never modified.
+    Data seed 1: one merge round left two fragments of populations apart here (7 found for 5);
+    the second round, after the fine-tune, joins them."""
+    return cellvi.datasets.synthetic_cytometry(3000, 10, n_populations=5, seed=1)
 
 
 @pytest.fixture(scope="session")
