@@ -664,16 +664,7 @@ class GMVAE(_Model):
             if len(groups) >= mixture.n_active:
                 break
             logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
-            z, zvar = self._encode_means(data, probe, with_var=True)
-            lut = np.full(k, -1)
-            for gi, members in enumerate(groups):
-                lut[members] = gi
-            labels = lut[probs.argmax(1)]
-            w, mu, sd = _moments(z, labels, len(groups), zvar)
-            mixture.init_from(np.r_[w, np.zeros(k - len(groups))],
-                              np.r_[mu, np.zeros((k - len(groups), mu.shape[1]))],
-                              np.r_[sd, np.ones((k - len(groups), mu.shape[1]))])
-            mixture.active[len(groups):] = False
+            self._place_groups(data, probe, probs, groups)
             tune = self._train(data, max_epochs=max(5, max_epochs // 3), batch_size=batch_size,
                                lr=lr, seed=seed + 1 + merge_round, verbose=verbose,
                                on_epoch_end=on_epoch_end, desc="GMVAE merged",
@@ -684,13 +675,29 @@ class GMVAE(_Model):
         self.train_settings = dict(max_epochs=max_epochs, warmup_epochs=warmup_epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, device=str(dev),
                                    epochs_trained=len(self.history["epoch"]), **train_kwargs)
-        # 4. labels "0", "1", ... by size on the training cells
+        # 5. labels "0", "1", ... by size on the training cells
         probs = self._responsibilities(data, torch.arange(n_obs))
         sizes = np.bincount(probs.argmax(1), minlength=k)
         active = mixture.active.cpu().numpy()
         self.cluster_order = [int(c) for c in sorted(np.flatnonzero(active), key=lambda c: -sizes[c])]
         self._data = None
         return self
+
+    def _place_groups(self, data: DeviceData, idx: torch.Tensor, probs: np.ndarray,
+                      groups: list[list[int]]) -> None:
+        """One component per group of components, at the latent moments of the cells ``idx``
+        (responsibilities ``probs``) whose most likely component is in the group; the
+        components left over are switched off."""
+        mixture = self.module.prior
+        k, n = probs.shape[1], len(groups)
+        z, zvar = self._encode_means(data, idx, with_var=True)
+        lut = np.full(k, -1)
+        for gi, members in enumerate(groups):
+            lut[members] = gi
+        w, mu, sd = _moments(z, lut[probs.argmax(1)], n, zvar)
+        mixture.init_from(np.r_[w, np.zeros(k - n)], np.r_[mu, np.zeros((k - n, mu.shape[1]))],
+                          np.r_[sd, np.ones((k - n, mu.shape[1]))])
+        mixture.active[n:] = False
 
     @torch.no_grad()
     def _encode_means(self, data: DeviceData, idx: torch.Tensor, batch_size: int = 4096,
