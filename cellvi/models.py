@@ -395,14 +395,14 @@ class GMVAE(_Model):
     Training: (1) a short warm-up with a standard normal prior and a small KL weight;
     (2) the mixture is initialised from the moments, in the warm-up latent, of the groups of a
     GMM fitted to the standardised markers (so no component starts empty); (3) the full
-    model, with an M-step for ``π`` after each epoch (the sparse Dirichlet MAP) and pruning; (4) components are grouped into clusters and the
-    model is fine-tuned with one component per cluster, again while the fine-tuned clusters
-    still share cells (``MERGE_ROUNDS``, at most 3 rounds: on the simulator a second round
-    joined fragments of populations that the first left apart, 5 found for 5 where it had
-    found 7 on two of four data seeds). With ``n_components=None`` it starts
-    from ``DISCOVERY_COMPONENTS`` components, empty ones are pruned and components that share
-    their cells are merged (:func:`merge_components`): the number of populations is found,
-    not given. With ``n_components=K`` it starts from about ``3K`` components and groups them
+    model, with an M-step for ``π`` after each epoch (the sparse Dirichlet MAP) and pruning;
+    (4) components are grouped into clusters and the model is fine-tuned with one component
+    per cluster, again while the fine-tuned clusters still share cells (``MERGE_ROUNDS``, at
+    most 3 rounds: on the simulator a second round joined fragments of populations that the
+    first left apart, 5 found for 5 where one round found 7 on two of four data seeds).
+    With ``n_components=None`` it starts from ``DISCOVERY_COMPONENTS`` components, empty ones
+    are pruned and components that share their cells are merged (:func:`merge_components`):
+    the number of populations is found, not given. With ``n_components=K`` it starts from about ``3K`` components and groups them
     into exactly ``K`` (entropy merging: the pair that shares the most cells first; once the
     groups are distinct, the smallest group joins the one it shares most cells with).
 
@@ -425,8 +425,9 @@ class GMVAE(_Model):
             ``n_components=K`` it is where merging by entanglement ends and the smallest
             groups are folded into their neighbours until ``K`` are left. The
             default 0.125 is a measured trade-off (tuning runs): 0.1 merged adjacent real
-            populations (NK with NK T cells on flowsom_68983) in 3 of 4 seeds, 0.15 split
-            simulated Gaussian populations (7 found for 5) in 2 of 4 data seeds.
+            populations (NK with NK T cells on flowsom_68983) in 3 of 4 seeds; 0.15 split
+            simulated Gaussian populations (7 found for 5) in 2 of 4 data seeds with one
+            merge round, and in 1 of 8 with the merge rounds.
         overcluster: with ``n_components=K``, train first with about ``3K`` components (at
             most 30), merge them down to exactly ``K`` the same way, then fine-tune; this finds
             better optima than starting from ``K``. ``False`` trains ``K`` components throughout.
