@@ -68,8 +68,8 @@ def test_merge_components_joins_split_population_only():
 
 def test_merge_to_k_folds_a_tiny_isolated_group_before_joining_populations():
     """K given: once the groups are distinct, the smallest one is absorbed (by the group it
-    shares most cells with), not two real populations joined (flowsom_68983's dead-cell
-    speck vs NK / NK T cells)."""
+    shares most cells with), not two real populations joined (flowsom_68983 with K = 6: a
+    speck of 184 Unlabeled cells kept a cluster while NK and NK T cells were joined)."""
     rng = np.random.default_rng(1)
     # rows: a big population split over components 0 and 1, two distinct populations
     # (components 2 and 3) and a speck of 40 cells (component 4)
