@@ -781,6 +781,9 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
     keep a cluster while two real populations were joined (flowsom_68983 with K = 6,
     5 seeds: mean F1 0.843 vs 0.775; benchmarks/cytometry.py).
 
+    Each merge is logged at DEBUG level on the ``"cellvi"`` logger (components, cells on
+    each side, score and rule), so that a user can see why two clusters became one.
+
     Args:
         probs: cells x components responsibilities (columns of switched-off components are 0).
         threshold: smallest score worth a merge by entanglement.
@@ -805,6 +808,7 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
             merged = xlogx(g[:, i : i + 1] + g[:, i + 1 :]).sum(0) - h[i] - h[i + 1 :]
             scores[i, i + 1 :] = merged / np.minimum(mass[i], mass[i + 1 :]).clip(1e-12)
         i, j = np.unravel_index(np.argmax(scores), scores.shape)
+        rule = "entangled"
         if scores[i, j] <= threshold:
             if not n_groups:
                 break
@@ -813,6 +817,9 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
             row = np.maximum(scores[small], scores[:, small])
             row[small] = -np.inf
             i, j = sorted((small, int(np.argmax(row))))
+            rule = "smallest folded"
+        logger.debug("merge components %s (%.0f cells) + %s (%.0f cells): score %.3f, %s",
+                     list(groups[i]), mass[i], list(groups[j]), mass[j], scores[i, j], rule)
         g[:, i] += g[:, j]
         g = np.delete(g, j, axis=1)
         groups[i] += groups.pop(j)

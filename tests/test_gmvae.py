@@ -1,5 +1,6 @@
 """The cytometry model: decoder, merging, GMVAE / tl.gmvae outputs, recovery, validation."""
 
+import logging
 import warnings
 
 import numpy as np
@@ -85,6 +86,22 @@ def test_merge_to_k_folds_a_tiny_isolated_group_before_joining_populations():
     # the former rule (always the most entangled pair) joined populations 2 and 3 instead
     legacy = sorted(map(sorted, merge_components(probs, 0.0, n_groups=3)))
     assert legacy == [[0, 1], [2, 3], [4]]
+
+
+def test_merge_components_logs_each_merge_with_its_score_and_rule(caplog):
+    rng = np.random.default_rng(0)
+    shared = rng.uniform(0.3, 0.7, 500)
+    probs = np.full((840, 4), 1e-6)
+    probs[:500, 0], probs[:500, 1] = shared, 1 - shared
+    probs[500:800, 2] = probs[800:, 3] = 1.0
+    probs /= probs.sum(1, keepdims=True)
+    with caplog.at_level(logging.DEBUG, logger="cellvi"):
+        merge_components(probs, 0.125, n_groups=2)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("merge components")]
+    assert len(lines) == 2
+    assert lines[0].startswith("merge components [0] (") and lines[0].endswith(", entangled")
+    # then the 40-cell group is folded into the group it touches most (below the threshold)
+    assert "(40 cells)" in lines[1] and lines[1].endswith(", smallest folded")
 
 
 def test_discovery_recovers_populations(cyto, discovered):
