@@ -8,6 +8,7 @@ pickled; loading cannot run code.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Sequence
@@ -81,6 +82,7 @@ class _Model:
 
     #: keys of ``config.json`` beyond the common ones, restored as attributes by :meth:`load`
     _extra_state: tuple[str, ...] = ()
+    _state_defaults: dict[str, Any] = {}
 
     @property
     def is_trained(self) -> bool:
@@ -169,8 +171,8 @@ class _Model:
         self.var_names = config["var_names"]
         self.categories = config["categories"]
         self.history = config["history"]
-        for key in self._extra_state:
-            setattr(self, key, config[key])
+        for key in self._extra_state:  # state added in later versions has a default
+            setattr(self, key, config[key] if key in config else copy.deepcopy(self._state_defaults[key]))
         self._data = None
         self.device = resolve_device(device)
         self.module = self._build()
@@ -439,7 +441,8 @@ class GMVAE(_Model):
         >>> labels, probs = model.predict(other_sample)
     """
 
-    _extra_state = ("center", "scale", "cluster_order")
+    _extra_state = ("center", "scale", "cluster_order", "merges")
+    _state_defaults = {"merges": []}  # saved by cellvi 0.1.0 before merges were recorded
 
     def __init__(
         self,
@@ -497,6 +500,7 @@ class GMVAE(_Model):
         self.center = data.X.mean(0).astype(float).tolist()
         self.scale = data.X.std(0).astype(float).tolist()
         self.cluster_order: list[int] = []
+        self.merges: list[dict[str, Any]] = []  # every merge of the last fit (see fit)
         self.history: dict[str, list[float]] = {}
         self.train_settings: dict[str, Any] = {}
         self.device = torch.device("cpu")
@@ -656,14 +660,16 @@ class GMVAE(_Model):
         #    Gaussians), give each merged group one component, and fine-tune; again while the
         #    fine-tuned clusters still share cells (at most MERGE_ROUNDS rounds)
         may_merge = s["n_start"] > s["n_components"] or (s["discover"] and s["merge_threshold"])
+        self.merges = []
         for merge_round in range(MERGE_ROUNDS if may_merge else 0):
             probs = self._responsibilities(data, probe)
-            if s["discover"]:
-                groups = merge_components(probs, s["merge_threshold"])
-            else:  # K given: merge down to exactly K (entangled pairs, then smallest first)
-                groups = merge_components(probs, s["merge_threshold"], n_groups=s["n_components"])
+            record: list[dict[str, Any]] = []
+            # K given: merge down to exactly K (entangled pairs, then smallest first)
+            groups = merge_components(probs, s["merge_threshold"], record=record,
+                                      n_groups=None if s["discover"] else s["n_components"])
             if len(groups) >= mixture.n_active:
                 break
+            self.merges += [dict(round=merge_round, **r) for r in record]
             logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
             self._place_groups(data, probe, probs, groups)
             tune = self._train(data, max_epochs=max(5, max_epochs // 3), batch_size=batch_size,
@@ -764,7 +770,7 @@ class GMVAE(_Model):
 
 
 def merge_components(probs: np.ndarray, threshold: float = 0.0,
-                     n_groups: int | None = None) -> list[list[int]]:
+                     n_groups: int | None = None, record: list | None = None) -> list[list[int]]:
     """Greedy entropy-based merging of mixture components (Baudry et al. 2010, JCGS 19:332).
 
     Merging components ``i`` and ``j`` lowers the entropy of the responsibilities by
@@ -788,6 +794,8 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
         probs: cells x components responsibilities (columns of switched-off components are 0).
         threshold: smallest score worth a merge by entanglement.
         n_groups: merge down to exactly this many groups.
+        record: a list; each merge appends ``{"components_a", "components_b", "cells_a",
+            "cells_b", "score", "rule"}`` to it (cells: responsibility mass of each side).
 
     Returns:
         Groups of component indices (each group becomes one cluster), for the columns with
@@ -820,6 +828,10 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
             rule = "smallest folded"
         logger.debug("merge components %s (%.0f cells) + %s (%.0f cells): score %.3f, %s",
                      list(groups[i]), mass[i], list(groups[j]), mass[j], scores[i, j], rule)
+        if record is not None:
+            record.append(dict(components_a=list(groups[i]), components_b=list(groups[j]),
+                               cells_a=float(mass[i]), cells_b=float(mass[j]),
+                               score=float(scores[i, j]), rule=rule))
         g[:, i] += g[:, j]
         g = np.delete(g, j, axis=1)
         groups[i] += groups.pop(j)

@@ -57,6 +57,19 @@ def _uns_safe(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _merge_table(merges: list[dict[str, Any]]):
+    """The merges of a GMVAE fit as a DataFrame (components as ``"3+7"``: indices before
+    merging)."""
+    import pandas as pd
+
+    cols = ["round", "components_a", "components_b", "cells_a", "cells_b", "score", "rule"]
+    rows = [{**m, "components_a": "+".join(map(str, m["components_a"])),
+             "components_b": "+".join(map(str, m["components_b"]))} for m in merges]
+    table = pd.DataFrame(rows, columns=cols)
+    table.index = table.index.astype(str)
+    return table
+
+
 def nbvae(
     adata: AnnData,
     *,
@@ -187,7 +200,10 @@ def gmvae(
         - ``adata.uns[key_added]``: ``settings``, ``train_settings``, ``history``,
           ``cluster_weights``, ``cluster_sizes``, ``cluster_means`` (latent), ``markers``,
           ``marker_medians`` (a clusters x markers DataFrame of the input values, to name
-          the populations), ``cellvi_version``, ``seed``.
+          the populations), ``merges`` (a table of the merges of components into clusters:
+          round, the components on each side as indices before merging, their cells in the
+          probe of up to 20,000 cells, the score and the rule; merges with scores just above
+          ``merge_threshold`` are the close calls), ``cellvi_version``, ``seed``.
 
         ``X``, layers and other obs columns are never modified.
 
@@ -225,7 +241,7 @@ def gmvae(
         settings=model.settings, train_settings=model.train_settings, history=model.history,
         cluster_weights=params["weights"], cluster_means=params["means"],
         cluster_sizes=np.bincount(labels.codes, minlength=len(labels.categories)),
-        markers=list(model.var_names), marker_medians=medians,
+        markers=list(model.var_names), marker_medians=medians, merges=_merge_table(model.merges),
         cellvi_version=__version__, seed=seed,
     ))
     if copy:

@@ -153,6 +153,13 @@ def test_gmvae_writes_documented_keys(cyto, discovered):
     assert uns["cluster_means"].shape == (k, 10)
     assert list(uns["cluster_sizes"]) == list(sizes)
     assert set(uns["history"]) >= {"train_elbo", "validation_elbo", "phase", "n_components"}
+    # the merges that made the clusters: from the surviving components down to k clusters
+    merges = uns["merges"]
+    assert list(merges.columns) == ["round", "components_a", "components_b", "cells_a",
+                                    "cells_b", "score", "rule"]
+    assert len(merges) == len(model.merges) > 0
+    assert (merges["rule"] == "entangled").all()  # discovery merges by entanglement only
+    assert (merges["score"] > model.settings["merge_threshold"]).all()
     # the input was not touched
     assert "gmvae" not in cyto.obs and "X_gmvae" not in cyto.obsm and "gmvae" not in cyto.uns
 
@@ -165,6 +172,7 @@ def test_gmvae_result_writes_to_h5ad(discovered, tmp_path):
     back = ad.read_h5ad(tmp_path / "x.h5ad")
     assert back.obs["gmvae"].equals(out.obs["gmvae"])
     pd.testing.assert_frame_equal(back.uns["gmvae"]["marker_medians"], out.uns["gmvae"]["marker_medians"])
+    pd.testing.assert_frame_equal(back.uns["gmvae"]["merges"], out.uns["gmvae"]["merges"])
 
 
 def test_predict_new_sample_and_save_load(cyto, discovered, tmp_path):
@@ -183,6 +191,7 @@ def test_predict_new_sample_and_save_load(cyto, discovered, tmp_path):
     np.testing.assert_array_equal(l2.codes, out.obs["gmvae"].cat.codes)
     np.testing.assert_allclose(p2, out.obsm["gmvae_probs"], atol=1e-6)
     assert "clusters" in repr(back)
+    assert back.merges == model.merges
     with pytest.raises(KeyError, match="not in adata.var_names"):
         back.predict(cyto[:, :5].copy())
 
@@ -194,6 +203,10 @@ def test_fixed_k_gives_exactly_k_clusters_and_is_reproducible(tiny):
     np.testing.assert_array_equal(a.obsm["X_gmvae"], b.obsm["X_gmvae"])
     assert a.uns["gmvae"]["settings"]["n_clusters"] == 3
     assert a.uns["gmvae"]["settings"]["n_start"] > 3  # over-clustered, then merged down to K
+    merges = a.uns["gmvae"]["merges"]
+    # each merge of a round removes one group: the first round goes from n_start down to 3
+    assert (merges["round"] == 0).sum() == a.uns["gmvae"]["settings"]["n_start"] - 3
+    assert set(merges["rule"]) <= {"entangled", "smallest folded"}
 
 
 def test_studentt_and_markers_and_layer(tiny):

@@ -79,7 +79,7 @@ print(adata.uns["cellvi_preprocessing"])
 # - `obs["gmvae_confidence"]`: the cluster posterior of each event's label;
 # - `obsm["X_gmvae"]`: the latent;
 # - `obsm["gmvae_probs"]`: all the cluster probabilities;
-# - `uns["gmvae"]`: settings, history and per-cluster marker medians.
+# - `uns["gmvae"]`: settings, history, per-cluster marker medians and the merges.
 
 # %%
 model = cellvi.tl.gmvae(adata, layer="logicle", markers=markers, max_epochs=MAX_EPOCHS, seed=0,
@@ -87,6 +87,14 @@ model = cellvi.tl.gmvae(adata, layer="logicle", markers=markers, max_epochs=MAX_
 print(model)
 print(adata.obs["gmvae"].value_counts().sort_index())
 print("median confidence:", round(float(adata.obs["gmvae_confidence"].median()), 3))
+
+# %% [markdown]
+# How the clusters came about: every merge of components, with its score (the entropy
+# drop per cell of the smaller side). Scores just above `merge_threshold` (0.125) are the
+# close calls; raise `merge_threshold` to keep such neighbours apart, or pass `n_components`.
+
+# %%
+print(adata.uns["gmvae"]["merges"].round(3).to_string())
 
 # %% [markdown]
 # ## Naming the clusters
