@@ -58,8 +58,8 @@ def _uns_safe(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _merge_table(merges: list[dict[str, Any]]):
-    """The merges of a GMVAE fit as a DataFrame (components as ``"3+7"``: indices before
-    merging)."""
+    """The merges of a GMVAE fit as a DataFrame (components as ``"3+7"``: indices within
+    each round)."""
     import pandas as pd
 
     cols = ["round", "components_a", "components_b", "cells_a", "cells_b", "score", "rule"]
@@ -201,9 +201,11 @@ def gmvae(
           ``cluster_weights``, ``cluster_sizes``, ``cluster_means`` (latent), ``markers``,
           ``marker_medians`` (a clusters x markers DataFrame of the input values, to name
           the populations), ``merges`` (a table of the merges of components into clusters:
-          round, the components on each side as indices before merging, their cells in the
-          probe of up to 20,000 cells, the score and the rule; merges with scores just above
-          ``merge_threshold`` are the close calls), ``cellvi_version``, ``seed``.
+          round, the components on each side (indices within that round: round 0 merges the
+          trained mixture's components, a later round the clusters of the round before, in
+          their order there), their cells in the probe of up to 20,000 cells, the score and
+          the rule; scores just above ``merge_threshold`` are the close calls),
+          ``cellvi_version``, ``seed``.
 
         ``X``, layers and other obs columns are never modified.
 
