@@ -105,6 +105,20 @@ def default_markers(adata) -> list[str]:
     return keep
 
 
+def _merge_line(merges, threshold: float) -> str:
+    """One summary line on the merges of components into clusters, with the close calls."""
+    if not len(merges):
+        return "merges: none"
+    entangled = merges[merges["rule"] == "entangled"]
+    close = entangled[entangled["score"] < threshold + 0.05]
+    line = (f"merges: {len(merges)} in {merges['round'].nunique()} round(s), "
+            f"{len(entangled)} by entanglement (score > {threshold:g})")
+    if len(close):
+        line += (f"; {len(close)} close call(s) (score < {threshold + 0.05:.3g}: "
+                 + ", ".join(f"{v:.3f}" for v in sorted(close["score"])) + ")")
+    return line + "; table in uns['gmvae']['merges']"
+
+
 def _marker_labels(adata, markers: list[str]) -> list[str]:
     if "marker" not in adata.var:
         return markers
@@ -164,6 +178,7 @@ def _populations(adata, *, layer, markers, batch_key, args, out: Path, truth: st
         + ("discovered, started from " + str(model.settings['n_start']) if model.settings["discover"]
            else "given") + "); sizes " + ", ".join(map(str, sizes)),
         f"mean confidence (max responsibility): {adata.obs['gmvae_confidence'].mean():.3f}",
+        _merge_line(adata.uns["gmvae"]["merges"], model.settings["merge_threshold"]),
     ]
     if truth:
         keep = ~adata.obs[truth].astype(str).isin(list(exclude)).to_numpy()

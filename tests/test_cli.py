@@ -68,6 +68,8 @@ def test_cluster_compensates_flow_files(tmp_path, data_dir):
     summary = (out / "summary.txt").read_text()
     assert "compensated with the files' spillover matrix; logicle" in summary
     assert "clusters: 6 (given)" in summary and "Hungarian mean F1" in summary
+    merges = ad.read_h5ad(out / "clusters.h5ad").uns["gmvae"]["merges"]
+    assert f"merges: {len(merges)} in " in summary and "uns['gmvae']['merges']" in summary
 
 
 def test_cluster_errors(tmp_path):
