@@ -404,9 +404,10 @@ class GMVAE(_Model):
     first left apart, 5 found for 5 where one round found 7 on two of four data seeds).
     With ``n_components=None`` it starts from ``DISCOVERY_COMPONENTS`` components, empty ones
     are pruned and components that share their cells are merged (:func:`merge_components`):
-    the number of populations is found, not given. With ``n_components=K`` it starts from about ``3K`` components and groups them
-    into exactly ``K`` (entropy merging: the pair that shares the most cells first; once the
-    groups are distinct, the smallest group joins the one it shares most cells with).
+    the number of populations is found, not given. With ``n_components=K`` it starts from
+    about ``3K`` components and groups them into exactly ``K`` (entropy merging: the pair that
+    shares the most cells first; once the groups are distinct, the smallest group joins the
+    one it shares most cells with).
 
     Args:
         adata: cells x channels with **transformed** marker values (arcsinh / logicle).
@@ -826,12 +827,13 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
             row[small] = -np.inf
             i, j = sorted((small, int(np.argmax(row))))
             rule = "smallest folded"
-        logger.debug("merge components %s (%.0f cells) + %s (%.0f cells): score %.3f, %s",
-                     list(groups[i]), mass[i], list(groups[j]), mass[j], scores[i, j], rule)
+        step = dict(components_a=list(groups[i]), components_b=list(groups[j]),
+                    cells_a=float(mass[i]), cells_b=float(mass[j]), score=float(scores[i, j]),
+                    rule=rule)
+        logger.debug("merge components %(components_a)s (%(cells_a).0f cells) + %(components_b)s "
+                     "(%(cells_b).0f cells): score %(score).3f, %(rule)s", step)
         if record is not None:
-            record.append(dict(components_a=list(groups[i]), components_b=list(groups[j]),
-                               cells_a=float(mass[i]), cells_b=float(mass[j]),
-                               score=float(scores[i, j]), rule=rule))
+            record.append(step)
         g[:, i] += g[:, j]
         g = np.delete(g, j, axis=1)
         groups[i] += groups.pop(j)
