@@ -107,8 +107,12 @@ def default_markers(adata) -> list[str]:
 
 def _merge_line(merges, threshold: float) -> str:
     """One summary line on the merges of components into clusters, with the close calls."""
+    is_veto = merges["rule"].astype(str).str.startswith("vetoed")
+    vetoed, merges = merges[is_veto], merges[~is_veto]
+    veto_text = (f"; {len(vetoed)} entangled pair(s) kept apart (two modes in the markers)"
+                 if len(vetoed) else "")
     if not len(merges):
-        return "merges: none"
+        return "merges: none" + veto_text
     entangled = merges[merges["rule"] == "entangled"]
     close = entangled[entangled["score"] < threshold + 0.05]
     line = (f"merges: {len(merges)} in {merges['round'].nunique()} round(s), "
@@ -116,7 +120,7 @@ def _merge_line(merges, threshold: float) -> str:
     if len(close):
         line += (f"; {len(close)} close call(s) (score < {threshold + 0.05:.3g}: "
                  + ", ".join(f"{v:.3f}" for v in sorted(close["score"])) + ")")
-    return line + "; table in uns['gmvae']['merges']"
+    return line + veto_text + "; table in uns['gmvae']['merges']"
 
 
 def _marker_labels(adata, markers: list[str]) -> list[str]:

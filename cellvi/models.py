@@ -403,8 +403,9 @@ class GMVAE(_Model):
     most 3 rounds: on the simulator a second round joined fragments of populations that the
     first left apart, 5 found for 5 where one round found 7 on two of four data seeds).
     With ``n_components=None`` it starts from ``DISCOVERY_COMPONENTS`` components, empty ones
-    are pruned and components that share their cells are merged (:func:`merge_components`):
-    the number of populations is found, not given. With ``n_components=K`` it starts from
+    are pruned and components that share their cells are merged (:func:`merge_components`),
+    unless the two are two modes in the markers (:func:`bimodality`, a veto): the number of
+    populations is found, not given. With ``n_components=K`` it starts from
     about ``3K`` components and groups them into exactly ``K`` (entropy merging: the pair that
     shares the most cells first; once the groups are distinct, the smallest group joins the
     one it shares most cells with).
@@ -541,6 +542,14 @@ class GMVAE(_Model):
             out.append((sums / np.maximum(counts, 1) / len(d.batch_keys)).astype(np.float32))
         return out
 
+    def _marker_features(self, d: ContinuousData, idx: np.ndarray) -> np.ndarray:
+        """Standardised markers of the cells ``idx`` with each batch's mean shift removed."""
+        Xs = self._standardize(d.X[idx])
+        if d.covs is not None:
+            for j, shifts in enumerate(self._batch_shifts(d)):
+                Xs -= shifts[d.covs[idx, j]]
+        return Xs
+
     def _device_data(self, d: ContinuousData, device: torch.device) -> DeviceData:
         obs = {} if d.covs is None else {"covs": torch.as_tensor(d.covs, device=device)}
         return DeviceData(DeviceMatrix(self._standardize(d.X), device), obs, nonzeros=False)
@@ -661,13 +670,16 @@ class GMVAE(_Model):
         #    Gaussians), give each merged group one component, and fine-tune; again while the
         #    fine-tuned clusters still share cells (at most MERGE_ROUNDS rounds)
         may_merge = s["n_start"] > s["n_components"] or (s["discover"] and s["merge_threshold"])
+        features = self._marker_features(d, probe.numpy()) if s["discover"] else None
         self.merges = []
         for merge_round in range(MERGE_ROUNDS if may_merge else 0):
             probs = self._responsibilities(data, probe)
             record: list[dict[str, Any]] = []
             # K given: merge down to exactly K (entangled pairs, then smallest first)
+            # discovery: merges of two modes in the markers are vetoed (see merge_components)
             groups = merge_components(probs, s["merge_threshold"], record=record,
-                                      n_groups=None if s["discover"] else s["n_components"])
+                                      n_groups=None if s["discover"] else s["n_components"],
+                                      features=features, seed=seed)
             if len(groups) >= mixture.n_active:
                 break
             self.merges += [dict(round=merge_round, **r) for r in record]
@@ -771,7 +783,8 @@ class GMVAE(_Model):
 
 
 def merge_components(probs: np.ndarray, threshold: float = 0.0,
-                     n_groups: int | None = None, record: list | None = None) -> list[list[int]]:
+                     n_groups: int | None = None, record: list | None = None,
+                     features: np.ndarray | None = None, seed: int = 0) -> list[list[int]]:
     """Greedy entropy-based merging of mixture components (Baudry et al. 2010, JCGS 19:332).
 
     Merging components ``i`` and ``j`` lowers the entropy of the responsibilities by
@@ -788,6 +801,16 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
     keep a cluster while two real populations were joined (flowsom_68983 with K = 6,
     5 seeds: mean F1 0.843 vs 0.775; benchmarks/cytometry.py).
 
+    With ``features`` (the cells' marker values), a merge by entanglement is **vetoed** when
+    the two groups are two modes in marker space (:func:`bimodality`: along the direction that
+    best separates them, a valley between two well separated peaks); the next best pair is
+    tried instead. Entanglement is measured in the latent, where a small population can sit
+    inside a larger one's component; the markers have the last word. On Spectre, seeds 6 and
+    17, the merges that joined CD4 with CD8a T cells and NK cells, and non-classical with
+    mature monocytes, were vetoed; the merges of fragments of one population on the
+    simulator and on flowsom_68983 were not (tuning runs, see :data:`BIMODAL_SEPARATION`).
+    The smallest-first folds with ``n_groups`` are never vetoed.
+
     Each merge is logged at DEBUG level on the ``"cellvi"`` logger (components, cells on
     each side, score and rule), so that a user can see why two clusters became one.
 
@@ -796,7 +819,11 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
         threshold: smallest score worth a merge by entanglement.
         n_groups: merge down to exactly this many groups.
         record: a list; each merge appends ``{"components_a", "components_b", "cells_a",
-            "cells_b", "score", "rule"}`` to it (cells: responsibility mass of each side).
+            "cells_b", "score", "rule"}`` to it (cells: responsibility mass of each side);
+            vetoed pairs append the same with rule ``"vetoed (bimodal)"``.
+        features: cells x features (standardised markers, batch shifts removed), rows as in
+            ``probs``; enables the bimodality veto.
+        seed: seed of the subsampling in :func:`bimodality`.
 
     Returns:
         Groups of component indices (each group becomes one cluster), for the columns with
@@ -809,6 +836,27 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
     def xlogx(a):
         return np.where(a > 0, a * np.log(np.maximum(a, 1e-300)), 0.0)
 
+    vetoed: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+    rng = np.random.default_rng(seed)
+
+    def veto(i: int, j: int, score: float, mass: np.ndarray) -> bool:
+        key = (tuple(groups[i]), tuple(groups[j]))
+        if key in vetoed:
+            return True
+        labels = g.argmax(1)
+        if not bimodality(features, labels == i, labels == j, rng)["bimodal"]:
+            return False
+        vetoed.add(key)
+        step = dict(components_a=list(groups[i]), components_b=list(groups[j]),
+                    cells_a=float(mass[i]), cells_b=float(mass[j]), score=float(score),
+                    rule="vetoed (bimodal)")
+        logger.debug("keep components %(components_a)s (%(cells_a).0f cells) and "
+                     "%(components_b)s (%(cells_b).0f cells) apart: score %(score).3f, "
+                     "but two modes in the markers", step)
+        if record is not None:
+            record.append(step)
+        return True
+
     while len(groups) > (n_groups or 1):
         mass = g.sum(0)
         h = xlogx(g).sum(0)
@@ -817,6 +865,11 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
             merged = xlogx(g[:, i : i + 1] + g[:, i + 1 :]).sum(0) - h[i] - h[i + 1 :]
             scores[i, i + 1 :] = merged / np.minimum(mass[i], mass[i + 1 :]).clip(1e-12)
         i, j = np.unravel_index(np.argmax(scores), scores.shape)
+        if features is not None:  # the best entangled pair that is not two modes in the markers
+            for flat in np.argsort(-scores, axis=None):
+                i, j = np.unravel_index(flat, scores.shape)
+                if scores[i, j] <= threshold or not veto(i, j, scores[i, j], mass):
+                    break
         rule = "entangled"
         if scores[i, j] <= threshold:
             if not n_groups:
@@ -838,6 +891,59 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
         g = np.delete(g, j, axis=1)
         groups[i] += groups.pop(j)
     return groups
+
+
+BIMODAL_SEPARATION = 4.4  # Ashman's D of the two modes (2 = just resolved) ...
+BIMODAL_VALLEY = 0.55  # ... and the density between them relative to the lower peak
+# tuning (git 4c72431, mdiag runs): fragments of one population merged at D <= 4.15, valley
+# >= 0.58 (simulator, flowsom_68983, Spectre); the wrong merges (CD4/CD8a T/NK, NK/NK T,
+# non-classical/mature monocytes) had D 4.50-5.10 with valleys 0.38-0.52.
+
+
+def bimodality(features: np.ndarray, in_a: np.ndarray, in_b: np.ndarray,
+               rng: np.random.Generator | None = None, max_cells: int = 4000) -> dict[str, Any]:
+    """Whether two groups of cells are two modes in feature space.
+
+    The cells of both groups are projected on the Fisher direction that separates them
+    (pooled within-group covariance), scaled so that group ``a`` sits at 0 and ``b`` at 1.
+    Two statistics of that projection, both computed without the group labels:
+
+    * ``separation``: Ashman's D of a two-component Gaussian mixture fitted to it,
+      ``|m_1 - m_2| sqrt(2) / sqrt(s_1² + s_2²)`` (> 2: the modes are resolved);
+    * ``valley``: the lowest kernel density between the two group means, relative to the
+      lower of the two peaks near them (about 1: no valley).
+
+    The groups are ``bimodal`` when ``separation > BIMODAL_SEPARATION`` and ``valley <
+    BIMODAL_VALLEY`` (both: the projection on a direction chosen to separate the groups
+    makes even one population split in two look somewhat separated).
+
+    Args:
+        features: cells x features.
+        in_a, in_b: boolean masks of the two groups' cells.
+        rng: subsamples at most ``max_cells`` cells for the fits.
+    """
+    from scipy.stats import gaussian_kde
+    from sklearn.mixture import GaussianMixture
+
+    xa, xb = features[in_a].astype(np.float64), features[in_b].astype(np.float64)
+    out = dict(separation=float("nan"), valley=float("nan"), bimodal=False)
+    if min(len(xa), len(xb)) < 5:
+        return out
+    cov = 0.5 * (np.cov(xa.T) + np.cov(xb.T)) + 1e-3 * np.eye(features.shape[1])
+    ma, mb = xa.mean(0), xb.mean(0)
+    w = np.linalg.solve(cov, mb - ma)
+    t = (np.r_[xa @ w, xb @ w] - ma @ w) / max((mb - ma) @ w, 1e-12)
+    if len(t) > max_cells:
+        t = t[(rng or np.random.default_rng(0)).choice(len(t), max_cells, replace=False)]
+    gm = GaussianMixture(2, n_init=2, random_state=0).fit(t[:, None])
+    m, v = gm.means_.ravel(), gm.covariances_.ravel()
+    out["separation"] = float(abs(m[0] - m[1]) * np.sqrt(2) / np.sqrt(v[0] + v[1]))
+    grid = np.linspace(-0.25, 1.25, 61)
+    dens = gaussian_kde(t, bw_method=0.3)(grid)
+    peak = min(dens[grid <= 0.25].max(), dens[grid >= 0.75].max())
+    out["valley"] = float(dens[(grid >= 0) & (grid <= 1)].min() / max(peak, 1e-300))
+    out["bimodal"] = bool(out["separation"] > BIMODAL_SEPARATION and out["valley"] < BIMODAL_VALLEY)
+    return out
 
 
 def _moments(z: np.ndarray, labels: np.ndarray, k: int, zvar: np.ndarray | None = None):

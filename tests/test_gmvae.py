@@ -12,7 +12,7 @@ from torch.distributions import Normal, StudentT
 import cellvi
 from cellvi.decoders import ContinuousDecoder
 from cellvi.metrics import ari
-from cellvi.models import GMVAE, merge_components
+from cellvi.models import GMVAE, bimodality, merge_components
 
 FAST = dict(max_epochs=8, warmup_epochs=3)
 
@@ -65,6 +65,49 @@ def test_merge_components_joins_split_population_only():
     crisp = np.eye(3)[rng.integers(0, 3, 600)]
     assert len(merge_components(crisp, 0.1)) == 3
     assert len(merge_components(crisp, n_groups=2)) == 2
+
+
+def test_bimodality_tells_two_populations_from_one_split_in_two():
+    rng = np.random.default_rng(0)
+    one = rng.normal(size=(600, 8))
+    half = one[:, 0] > 0.3  # one Gaussian cut by a hyperplane, unequal halves
+    stats = bimodality(one, half, ~half)
+    assert not stats["bimodal"] and stats["valley"] > 0.8
+    # two Gaussians 5.2 standard deviations apart (2 at 3.5 are not called bimodal)
+    shift = np.r_[3.0, 3.0, 3.0, np.zeros(5)]
+    two = np.r_[rng.normal(size=(400, 8)), rng.normal(size=(200, 8)) + shift]
+    is_b = np.arange(600) >= 400
+    stats = bimodality(two, ~is_b, is_b)
+    assert stats["bimodal"] and stats["separation"] > 4.4 and stats["valley"] < 0.45
+    two[is_b] -= shift / 1.5
+    assert not bimodality(two, ~is_b, is_b)["bimodal"]
+    # too few cells on a side: no verdict
+    assert not bimodality(two, ~is_b, np.arange(600) == 0)["bimodal"]
+
+
+def test_merge_components_vetoes_entangled_pairs_that_are_two_modes_in_the_markers():
+    rng = np.random.default_rng(0)
+    # components 0 and 1 share their cells in the latent; component 2 is apart
+    shared = rng.uniform(0.3, 0.7, 500)
+    probs = np.full((800, 3), 1e-6)
+    probs[:500, 0], probs[:500, 1] = shared, 1 - shared
+    probs[500:, 2] = 1.0
+    probs /= probs.sum(1, keepdims=True)
+    first = (probs[:, 0] > probs[:, 1]) & (np.arange(800) < 500)
+    # in the markers, the cells of 0 and of 1 are one population: merged
+    markers = rng.normal(size=(800, 6))
+    markers[500:] += 10.0
+    assert sorted(map(sorted, merge_components(probs, 0.1, features=markers))) == [[0, 1], [2]]
+    # in the markers they are two populations: kept apart, and the veto is recorded
+    markers[first] += np.r_[4.0, 4.0, np.zeros(4)]
+    record = []
+    groups = merge_components(probs, 0.1, features=markers, record=record)
+    assert sorted(map(sorted, groups)) == [[0], [1], [2]]
+    assert [r["rule"] for r in record] == ["vetoed (bimodal)"]
+    assert record[0]["score"] > 0.1
+    # without features (or with n_groups, whose folds are never vetoed) they are merged
+    assert len(merge_components(probs, 0.1)) == 2
+    assert len(merge_components(probs, 0.1, n_groups=1, features=markers)) == 1
 
 
 def test_merge_to_k_folds_a_tiny_isolated_group_before_joining_populations():
