@@ -92,6 +92,8 @@ print("median confidence:", round(float(adata.obs["gmvae_confidence"].median()),
 # How the clusters came about: every merge of components, with its score (the entropy
 # drop per cell of the smaller side). Scores just above `merge_threshold` (0.125) are the
 # close calls; raise `merge_threshold` to keep such neighbours apart, or pass `n_components`.
+# Rows with the rule `vetoed (bimodal)` are entangled pairs that were kept apart because
+# their cells form two modes in the markers (`cellvi.models.bimodality`).
 
 # %%
 print(adata.uns["gmvae"]["merges"].round(3).to_string())
