@@ -893,11 +893,13 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
     return groups
 
 
-BIMODAL_SEPARATION = 4.4  # Ashman's D of the two modes (2 = just resolved) ...
+BIMODAL_SEPARATION = 4.0  # Ashman's D of the two modes (2 = just resolved) ...
 BIMODAL_VALLEY = 0.55  # ... and the density between them relative to the lower peak
-# tuning (git 4c72431, mdiag runs): fragments of one population merged at D <= 4.15, valley
-# >= 0.58 (simulator, flowsom_68983, Spectre); the wrong merges (CD4/CD8a T/NK, NK/NK T,
-# non-classical/mature monocytes) had D 4.50-5.10 with valleys 0.38-0.52.
+# tuning (merges logged with both statistics, simulator data seed 5, flowsom_68983 seed 0,
+# Spectre seeds 3, 6, 8, 17): fragments of one population had D <= 4.15 and, where D > 4,
+# valleys >= 0.61; the wrong merges (CD4/CD8a T/NK, NK/NK T, NK/CD8a T, non-classical/mature
+# monocytes, Progenitors/Other) had D 4.04-5.10 with valleys 0.38-0.53. D 4.4 (git 3c8fe6e)
+# vetoed the clearest of them only.
 
 
 def bimodality(features: np.ndarray, in_a: np.ndarray, in_b: np.ndarray,
