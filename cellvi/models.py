@@ -670,13 +670,14 @@ class GMVAE(_Model):
         #    Gaussians), give each merged group one component, and fine-tune; again while the
         #    fine-tuned clusters still share cells (at most MERGE_ROUNDS rounds)
         may_merge = s["n_start"] > s["n_components"] or (s["discover"] and s["merge_threshold"])
-        features = self._marker_features(d, probe.numpy()) if s["discover"] else None
+        features = self._marker_features(d, probe.numpy())
         self.merges = []
         for merge_round in range(MERGE_ROUNDS if may_merge else 0):
             probs = self._responsibilities(data, probe)
             record: list[dict[str, Any]] = []
             # K given: merge down to exactly K (entangled pairs, then smallest first)
-            # discovery: merges of two modes in the markers are vetoed (see merge_components)
+            # merges of two modes in the markers are vetoed (see merge_components); with K
+            # given, the smallest groups are folded instead
             groups = merge_components(probs, s["merge_threshold"], record=record,
                                       n_groups=None if s["discover"] else s["n_components"],
                                       features=features, seed=seed)
@@ -809,7 +810,9 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
     17, the merges that joined CD4 with CD8a T cells and NK cells, and non-classical with
     mature monocytes, were vetoed; the merges of fragments of one population on the
     simulator and on flowsom_68983 were not (tuning runs, see :data:`BIMODAL_SEPARATION`).
-    The smallest-first folds with ``n_groups`` are never vetoed.
+    With ``n_groups`` a vetoed pair stays apart while entangled merges are left; the
+    smallest-first folds that then reach ``n_groups`` are never vetoed (Spectre with K = 12,
+    seeds 0-4: ARI 0.964 vs 0.953 without the veto).
 
     Each merge is logged at DEBUG level on the ``"cellvi"`` logger (components, cells on
     each side, score and rule), so that a user can see why two clusters became one.

@@ -201,7 +201,9 @@ def test_gmvae_writes_documented_keys(cyto, discovered):
     assert list(merges.columns) == ["round", "components_a", "components_b", "cells_a",
                                     "cells_b", "score", "rule"]
     assert len(merges) == len(model.merges) > 0
-    assert (merges["rule"] == "entangled").all()  # discovery merges by entanglement only
+    # discovery merges by entanglement only (and records the pairs it kept apart)
+    assert set(merges["rule"]) <= {"entangled", "vetoed (bimodal)"}
+    assert (merges["rule"] == "entangled").any()
     assert (merges["score"] > model.settings["merge_threshold"]).all()
     # the input was not touched
     assert "gmvae" not in cyto.obs and "X_gmvae" not in cyto.obsm and "gmvae" not in cyto.uns
@@ -248,8 +250,9 @@ def test_fixed_k_gives_exactly_k_clusters_and_is_reproducible(tiny):
     assert a.uns["gmvae"]["settings"]["n_start"] > 3  # over-clustered, then merged down to K
     merges = a.uns["gmvae"]["merges"]
     # each merge of a round removes one group: the first round goes from n_start down to 3
-    assert (merges["round"] == 0).sum() == a.uns["gmvae"]["settings"]["n_start"] - 3
-    assert set(merges["rule"]) <= {"entangled", "smallest folded"}
+    done = merges[merges["rule"] != "vetoed (bimodal)"]
+    assert (done["round"] == 0).sum() == a.uns["gmvae"]["settings"]["n_start"] - 3
+    assert set(merges["rule"]) <= {"entangled", "smallest folded", "vetoed (bimodal)"}
 
 
 def test_studentt_and_markers_and_layer(tiny):
