@@ -407,8 +407,8 @@ class GMVAE(_Model):
     unless the two are two modes in the markers (:func:`bimodality`, a veto): the number of
     populations is found, not given. With ``n_components=K`` it starts from
     about ``3K`` components and groups them into exactly ``K`` (entropy merging: the pair that
-    shares the most cells first; once the groups are distinct, the smallest group joins the
-    one it shares most cells with).
+    shares the most cells first, with the same veto; once the groups are distinct, the
+    smallest group joins the one it shares most cells with).
 
     Args:
         adata: cells x channels with **transformed** marker values (arcsinh / logicle).
