@@ -675,9 +675,8 @@ class GMVAE(_Model):
         for merge_round in range(MERGE_ROUNDS if may_merge else 0):
             probs = self._responsibilities(data, probe)
             record: list[dict[str, Any]] = []
-            # K given: merge down to exactly K (entangled pairs, then smallest first)
-            # merges of two modes in the markers are vetoed (see merge_components); with K
-            # given, the smallest groups are folded instead
+            # K given: merge down to exactly K (entangled pairs, then smallest first); an
+            # entangled pair that is two modes in the markers is vetoed (merge_components)
             groups = merge_components(probs, s["merge_threshold"], record=record,
                                       n_groups=None if s["discover"] else s["n_components"],
                                       features=features, seed=seed)
@@ -806,8 +805,8 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
     the two groups are two modes in marker space (:func:`bimodality`: along the direction that
     best separates them, a valley between two well separated peaks); the next best pair is
     tried instead. Entanglement is measured in the latent, where a small population can sit
-    inside a larger one's component; the markers have the last word. On Spectre, seeds 6 and
-    17, the merges that joined CD4 with CD8a T cells and NK cells, and non-classical with
+    inside a larger one's component; the markers have the last word. On Spectre, seeds 3, 6,
+    8 and 17, the merges that joined CD4 with CD8a T cells and NK cells, and non-classical with
     mature monocytes, were vetoed; the merges of fragments of one population on the
     simulator and on flowsom_68983 were not (tuning runs, see :data:`BIMODAL_SEPARATION`).
     With ``n_groups`` a vetoed pair stays apart while entangled merges are left; the
