@@ -670,7 +670,7 @@ class GMVAE(_Model):
         #    Gaussians), give each merged group one component, and fine-tune; again while the
         #    fine-tuned clusters still share cells (at most MERGE_ROUNDS rounds)
         may_merge = s["n_start"] > s["n_components"] or (s["discover"] and s["merge_threshold"])
-        features = self._marker_features(d, probe.numpy())
+        features = self._marker_features(d, probe.numpy()) if may_merge else None
         self.merges = []
         for merge_round in range(MERGE_ROUNDS if may_merge else 0):
             probs = self._responsibilities(data, probe)
@@ -866,12 +866,11 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
         for i in range(len(groups)):
             merged = xlogx(g[:, i : i + 1] + g[:, i + 1 :]).sum(0) - h[i] - h[i + 1 :]
             scores[i, i + 1 :] = merged / np.minimum(mass[i], mass[i + 1 :]).clip(1e-12)
-        i, j = np.unravel_index(np.argmax(scores), scores.shape)
-        if features is not None:  # the best entangled pair that is not two modes in the markers
-            for flat in np.argsort(-scores, axis=None):
-                i, j = np.unravel_index(flat, scores.shape)
-                if scores[i, j] <= threshold or not veto(i, j, scores[i, j], mass):
-                    break
+        # the best entangled pair that is not vetoed (two modes in the markers)
+        for flat in np.argsort(-scores, axis=None, kind="stable"):
+            i, j = np.unravel_index(flat, scores.shape)
+            if scores[i, j] <= threshold or features is None or not veto(i, j, scores[i, j], mass):
+                break
         rule = "entangled"
         if scores[i, j] <= threshold:
             if not n_groups:
