@@ -352,8 +352,12 @@ def leiden_settings(rep: np.ndarray, seed: int, settings: list[str], K: int,
 
 
 def warm_up() -> None:
-    """Compile the numba code of pynndescent/scanpy/FlowSOM once, outside the timings."""
+    """Compile the numba code of pynndescent/scanpy/FlowSOM once, outside the timings, and
+    build one torch optimiser: the first one in a process imports torch's compiler stack
+    (about 1 s, once per process, whatever the model)."""
     import flowsom as fs
+
+    torch.optim.Adam(torch.nn.Linear(1, 1).parameters())
     from loguru import logger
 
     logger.disable("flowsom")

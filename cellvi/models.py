@@ -373,6 +373,7 @@ class NBVAE(_Model):
 #: ``n_components=None`` (population discovery) starts from this many components
 DISCOVERY_COMPONENTS = 30
 WARMUP_STEPS = 300  # optimiser steps of the N(0, I) warm-up (default)
+WARMUP_EPOCHS = (5, 60)  # bounds on the warm-up's epochs (default)
 MIXTURE_STEPS = 1000  # optimiser steps of the mixture phase (default)
 MIXTURE_EPOCHS = (25, 300)  # bounds on the mixture phase's epochs (default)
 INIT_CELLS = 20000  # cells (at most) of the GMM that places the components
@@ -380,6 +381,7 @@ INIT_CELLS = 20000  # cells (at most) of the GMM that places the components
 # subsample) vs 10,000, 5 seeds: Spectre default F1 0.758 vs 0.737, about 1 s more per fit
 PROBE_CELLS = 20000
 MERGE_ROUNDS = 3  # merge + fine-tune rounds at most (a round only runs when it merges)
+TUNE_DIVISOR, TUNE_MIN_EPOCHS = 3, 5  # a fine-tune's epochs: main phase's // 3, at least 5
 
 
 class GMVAE(_Model):
@@ -614,7 +616,7 @@ class GMVAE(_Model):
         n_obs = data.n_obs
         if warmup_epochs is None:
             warmup_epochs = default_max_epochs(n_obs, batch_size, target_steps=WARMUP_STEPS,
-                                               bounds=(5, 60))
+                                               bounds=WARMUP_EPOCHS)
             if max_epochs is not None:  # a short run asked for: a short warm-up too
                 warmup_epochs = min(warmup_epochs, max(1, max_epochs))
         if max_epochs is None:
@@ -685,7 +687,8 @@ class GMVAE(_Model):
             self.merges += [dict(round=merge_round, **r) for r in record]
             logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
             self._place_groups(data, probe, probs, groups)
-            tune = self._train(data, max_epochs=max(5, max_epochs // 3), batch_size=batch_size,
+            tune = self._train(data, max_epochs=max(TUNE_MIN_EPOCHS, max_epochs // TUNE_DIVISOR),
+                               batch_size=batch_size,
                                lr=lr, seed=seed + 1 + merge_round, verbose=verbose,
                                on_epoch_end=on_epoch_end, desc="GMVAE merged",
                                **{"kl_warmup_steps": 0, **train_kwargs})
