@@ -43,39 +43,28 @@ from _common import import_cellvi  # noqa: E402
 torch.set_num_threads(1)
 
 _FAST_NET = dict(n_hidden=64, lr=0.002, n_init=1)
+
+
+def _schedule(init_cells: int, warmup_steps: int, mixture_steps: int, min_epochs: int) -> dict:
+    """Overrides of the schedule constants of cellvi.models (warm-up 2-60 epochs, fine-tunes
+    of at least 2 epochs in every cheaper budget)."""
+    return dict(INIT_CELLS=init_cells, WARMUP_STEPS=warmup_steps, WARMUP_EPOCHS=(2, 60),
+                MIXTURE_STEPS=mixture_steps, MIXTURE_EPOCHS=(min_epochs, 300), TUNE_MIN_EPOCHS=2)
+
+
 #: name -> (keyword arguments of cellvi.tl.gmvae, overrides of cellvi.models constants)
 CONFIGS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
-    "B": (dict(_FAST_NET, batch_size=1024),
-          dict(INIT_CELLS=10000, WARMUP_STEPS=150, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=400,
-               MIXTURE_EPOCHS=(5, 300), TUNE_MIN_EPOCHS=2)),
-    "C": (dict(_FAST_NET, batch_size=1024),
-          dict(INIT_CELLS=10000, WARMUP_STEPS=200, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=700,
-               MIXTURE_EPOCHS=(5, 300), TUNE_MIN_EPOCHS=2)),
-    "D": (dict(_FAST_NET, n_hidden=128, batch_size=1024),
-          dict(INIT_CELLS=10000, WARMUP_STEPS=200, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=700,
-               MIXTURE_EPOCHS=(5, 300), TUNE_MIN_EPOCHS=2)),
-    "E": (dict(_FAST_NET, batch_size=1024),
-          dict(INIT_CELLS=10000, WARMUP_STEPS=300, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=1000,
-               MIXTURE_EPOCHS=(5, 300), TUNE_MIN_EPOCHS=2)),
-    "F": (dict(_FAST_NET, batch_size=1024, n_init=3),
-          dict(INIT_CELLS=20000, WARMUP_STEPS=200, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=700,
-               MIXTURE_EPOCHS=(5, 300), TUNE_MIN_EPOCHS=2)),
-    "G": (dict(_FAST_NET, batch_size=1024),
-          dict(INIT_CELLS=20000, WARMUP_STEPS=200, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=700,
-               MIXTURE_EPOCHS=(5, 300), TUNE_MIN_EPOCHS=2)),
-    "H": (dict(_FAST_NET, batch_size=1024),
-          dict(INIT_CELLS=20000, WARMUP_STEPS=200, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=400,
-               MIXTURE_EPOCHS=(20, 300), TUNE_MIN_EPOCHS=2)),
-    "H3": (dict(_FAST_NET, batch_size=1024),
-           dict(INIT_CELLS=20000, WARMUP_STEPS=200, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=400,
-                MIXTURE_EPOCHS=(25, 300), TUNE_MIN_EPOCHS=2)),
-    "I": (dict(_FAST_NET, batch_size=512),
-          dict(INIT_CELLS=20000, WARMUP_STEPS=200, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=400,
-               MIXTURE_EPOCHS=(20, 300), TUNE_MIN_EPOCHS=2)),
-    "J": (dict(_FAST_NET, batch_size=512, lr=0.001),
-          dict(INIT_CELLS=20000, WARMUP_STEPS=300, WARMUP_EPOCHS=(2, 60), MIXTURE_STEPS=1000,
-               MIXTURE_EPOCHS=(20, 300), TUNE_MIN_EPOCHS=2)),
+    "B": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 150, 400, 5)),
+    "C": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 200, 700, 5)),
+    "D": (dict(_FAST_NET, n_hidden=128, batch_size=1024), _schedule(10000, 200, 700, 5)),
+    "E": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 300, 1000, 5)),
+    "F": (dict(_FAST_NET, batch_size=1024, n_init=3), _schedule(20000, 200, 700, 5)),
+    "G": (dict(_FAST_NET, batch_size=1024), _schedule(20000, 200, 700, 5)),
+    "H": (dict(_FAST_NET, batch_size=1024), _schedule(20000, 200, 400, 20)),
+    "H3": (dict(_FAST_NET, batch_size=1024), _schedule(20000, 200, 400, 25)),
+    "I": (dict(_FAST_NET, batch_size=512), _schedule(20000, 200, 400, 20)),
+    "J": (dict(_FAST_NET, batch_size=512, lr=0.001), _schedule(20000, 300, 1000, 20)),
 }
 
 
