@@ -107,7 +107,7 @@ def nbvae(
         verbose: progress bar.
         **model_kwargs: network settings (``dispersion``, ``n_hidden``, ``n_layers``,
             ``dropout``, ``norm``) and training settings (``batch_size``, ``lr``,
-            ``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
+            ``kl_warmup_steps``, ``kl_weight``, ``patience``, ``validation_fraction``, ...).
 
     Returns:
         ``None`` (or the model, if ``return_model``) when ``copy=False``; otherwise the new

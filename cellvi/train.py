@@ -166,6 +166,7 @@ def train(
     lr: float = 1e-3,
     weight_decay: float = 1e-6,
     kl_warmup_steps: int | None = None,
+    kl_weight: float = 1.0,
     validation_fraction: float = 0.1,
     early_stopping: bool = True,
     patience: int = 20,
@@ -186,8 +187,11 @@ def train(
             clipped to 10..400 epochs (:func:`default_max_epochs`).
         batch_size: cells per mini-batch.
         lr, weight_decay: Adam settings.
-        kl_warmup_steps: steps over which β rises linearly from 0 to 1; ``None`` uses
-            a quarter of all planned steps, at most 2,000. ``0`` disables the warm-up.
+        kl_warmup_steps: steps over which β rises linearly from 0 to ``kl_weight``;
+            ``None`` uses a quarter of all planned steps, at most 2,000. ``0`` disables the
+            warm-up.
+        kl_weight: β once the warm-up is over (``1``: the ELBO; below 1 the latent keeps
+            more of what the decoder needs, at the price of a less regular posterior).
         validation_fraction: share of cells held out for early stopping and the history.
         early_stopping: stop when the validation ELBO has not improved by ``min_delta`` for
             ``patience`` epochs after the warm-up ended, and restore the best weights.
@@ -225,7 +229,10 @@ def train(
     total_steps = max_epochs * steps_per_epoch
     if kl_warmup_steps is None:
         kl_warmup_steps = min(2000, total_steps // 4)
-    schedule = beta_schedule if beta_schedule is not None else LinearWarmup(kl_warmup_steps)
+    if not kl_weight > 0:
+        raise ValueError(f"kl_weight must be positive, got {kl_weight}")
+    schedule = (beta_schedule if beta_schedule is not None
+                else LinearWarmup(kl_warmup_steps, end=float(kl_weight)))
     use_val = early_stopping and n_val > 0
 
     optimizer = _adam(module, lr, weight_decay)

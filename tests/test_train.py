@@ -82,6 +82,16 @@ def test_train_history_warmup_in_steps_and_fit():
     np.testing.assert_allclose(module.w.detach().numpy(), 2.0, atol=0.3)
 
 
+def test_kl_weight_is_the_end_of_the_warmup():
+    module = _Toy()
+    hist = train(module, _toy_data(), max_epochs=5, batch_size=32, kl_warmup_steps=20,
+                 kl_weight=0.5, early_stopping=False, verbose=False)
+    assert module.betas[0] == 0.0 and module.betas[10] == pytest.approx(0.25)
+    assert module.betas[-1] == 0.5 and hist["beta"][-1] == 0.5
+    with pytest.raises(ValueError, match="kl_weight must be positive"):
+        train(_Toy(), _toy_data(), max_epochs=1, kl_weight=0.0, verbose=False)
+
+
 def test_early_stopping_stops_and_restores_best():
     module = _Toy()
     hist = train(module, _toy_data(), max_epochs=500, batch_size=32, lr=0.05, patience=5,
