@@ -83,7 +83,7 @@ def fit_one(cellvi, config: str, task: str, seed: int, cache: dict) -> dict:
             a = cellvi.datasets.synthetic_cytometry(3000, 10, n_populations=5, seed=seed)
             res = cellvi.tl.gmvae(a, batch_key="batch", copy=True, verbose=False,
                                   n_components=5 if setting == "K" else None, **kwargs)
-            truth, exclude = a.obs["population"].astype(str).to_numpy(), []
+            d = dict(truth=a.obs["population"].astype(str).to_numpy(), exclude=[])
         else:
             if inp not in cache:
                 cache[inp] = cy.load_input(inp)
@@ -92,16 +92,13 @@ def fit_one(cellvi, config: str, task: str, seed: int, cache: dict) -> dict:
             res = cellvi.tl.gmvae(cy.make_adata(d), copy=True, verbose=False, seed=seed,
                                   batch_key="batch" if d.get("batch") is not None else None,
                                   n_components=d["K"] if setting == "K" else None, **kwargs)
-            truth, exclude = np.asarray(d["truth"]).astype(str), list(d["exclude"])
         secs = time.perf_counter() - t0
     finally:
         for k, v in saved.items():
             setattr(M, k, v)
-    labels = res.obs["gmvae"].astype(str).to_numpy()
-    keep = ~np.isin(truth, exclude)
-    f1 = cellvi.metrics.hungarian_f1(truth, labels, exclude=exclude)[0]
-    return dict(config=config, task=task, seed=seed, n_clusters=len(set(labels)),
-                f1=round(float(f1), 4), ari=round(float(cellvi.metrics.ari(truth[keep], labels[keep])), 4),
+    scores = cy.score(d, res.obs["gmvae"].astype(str).to_numpy())
+    return dict(config=config, task=task, seed=seed, n_clusters=scores["n_clusters"],
+                f1=round(float(scores["f1"]), 4), ari=round(float(scores["ari"]), 4),
                 seconds=round(secs, 1))
 
 
