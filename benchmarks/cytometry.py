@@ -351,14 +351,19 @@ def leiden_settings(rep: np.ndarray, seed: int, settings: list[str], K: int,
     return out
 
 
-def warm_up() -> None:
-    """Compile the numba code of pynndescent/scanpy/FlowSOM once, outside the timings, and
-    build one torch optimiser: the first one in a process imports torch's compiler stack
-    (about 1 s, once per process, whatever the model)."""
-    import flowsom as fs
-
+def warm_up_torch() -> None:
+    """Build one torch optimiser: the first one in a process imports torch's compiler stack
+    (about 1 s, once per process, whatever the model), which no fit should be timed for."""
     torch.optim.Adam(torch.nn.Linear(1, 1).parameters())
+
+
+def warm_up() -> None:
+    """Compile the numba code of pynndescent/scanpy/FlowSOM once, outside the timings (and
+    :func:`warm_up_torch`)."""
+    import flowsom as fs
     from loguru import logger
+
+    warm_up_torch()
 
     logger.disable("flowsom")
     rng = np.random.default_rng(0)
