@@ -10,10 +10,11 @@ when there are more genes, normalize_total 1e4 + log1p, 50 PCs) and the same
 Per embedding:
 
 * k-means ARI: k = number of cell types, ``n_init=10``, mean over k-means seeds 0, 1, 2;
-* Leiden ARI on ``sc.pp.neighbors`` (15 neighbours, ``random_state=0``) over a grid of
-  resolutions: at resolution 1 (scanpy's default), the best over the grid (scib's
-  "optimal resolution" protocol) and at the resolution whose cluster count is closest to the
-  number of cell types (the mean over ties).
+* Leiden ARI on ``sc.pp.neighbors`` (15 neighbours, ``random_state=0``) over scib's grid of
+  resolutions (0.1, 0.2, ..., 2.0, as in ``scib.metrics.cluster_optimal_resolution``): at
+  resolution 1 (scanpy's default), the best over the grid (scib's "optimal resolution"
+  protocol) and at the resolution whose cluster count is closest to the number of cell types
+  (the mean over ties).
 
 Usage::
 
@@ -43,14 +44,14 @@ import numpy as np
 import scib_nbvae as base
 from _common import git_state, import_cellvi, log, versions
 
-RESOLUTIONS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
+RESOLUTIONS = [round(0.1 * i, 1) for i in range(1, 21)]  # scib's optimal-resolution grid
 KMEANS_SEEDS = [0, 1, 2]
 MEASURES = {"kmeans": "k-means ARI", "leiden_res1": "Leiden ARI, resolution 1",
             "leiden_best": "Leiden ARI, best resolution", "leiden_k": "Leiden ARI, ~K clusters"}
 
 
-def _train(adata, seed: int):
-    z, secs, info = base.run_cellvi(adata, seed)
+def _train(adata, seed: int, kwargs: dict):
+    z, secs, info = base.run_cellvi(adata, seed, **kwargs)
     return seed, z, secs, info.get("n_epochs")
 
 
@@ -94,7 +95,9 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{res['notes']['n_vars']:,} genes ({res['notes']['genes']}), "
          f"{res['notes']['n_batches']} donors, {res['notes']['n_labels']} cell types. "
          "PCA: normalize_total 1e4 + log1p + 50 PCs (and their first 30). cellvi: "
-         "`cellvi.tl.nbvae(adata, layer=\"counts\", batch_key=\"donor\", seed=s)`, defaults, "
+         "`cellvi.tl.nbvae(adata, layer=\"counts\", batch_key=\"donor\", seed=s"
+         + "".join(f", {k}={v!r}" for k, v in res.get("nbvae_kwargs", {}).items())
+         + ")`, otherwise defaults, "
          "single-threaded. k-means: k = number of cell types, n_init 10, mean of k-means "
          "seeds 0-2. Leiden: 15 neighbours, resolutions " + ", ".join(map(str, RESOLUTIONS))
          + "; '~K clusters' is the resolution whose cluster count is nearest the number of "
@@ -129,7 +132,12 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--jobs", type=int, default=1, help="seeds trained at once (one thread each)")
     p.add_argument("--out", default=str(base.REPO / "benchmarks" / "results"))
+    p.add_argument("--save-latents", action="store_true",
+                   help="also write the latents to <out>/celltypes_nbvae_latents.npz")
+    p.add_argument("--nbvae-kwargs", default="{}",
+                   help='JSON keyword arguments of cellvi.tl.nbvae, e.g. \'{"n_latent": 20}\'')
     args = p.parse_args(argv)
+    kwargs = json.loads(args.nbvae_kwargs)
     warnings.filterwarnings("ignore")
     t_start = time.perf_counter()
     git = git_state()
@@ -140,7 +148,8 @@ def main(argv=None) -> None:
     adata.obsm["X_pca30"] = np.asarray(adata.obsm["X_pca"])[:, :30]
     trained = {}
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        for seed, z, secs, epochs in pool.map(_train, [adata] * len(args.seeds), args.seeds):
+        for seed, z, secs, epochs in pool.map(_train, [adata] * len(args.seeds), args.seeds,
+                                                 [kwargs] * len(args.seeds)):
             log(f"cellvi seed {seed}: {secs:.0f} s, {epochs} epochs")
             adata.obsm[f"X_nbvae_s{seed}"] = z
             trained[seed] = (secs, epochs)
@@ -164,11 +173,14 @@ def main(argv=None) -> None:
                date=time.strftime("%Y-%m-%d %H:%M %Z"), git=git,
                versions=versions(("cellvi", "torch", "scanpy", "scikit-learn", "leidenalg",
                                   "igraph")),
-               dataset=args.dataset, notes=notes, seeds=args.seeds, rows=rows, summary=summary,
+               dataset=args.dataset, nbvae_kwargs=kwargs, notes=notes, seeds=args.seeds, rows=rows, summary=summary,
                total_s=time.perf_counter() - t_start)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "celltypes_nbvae.json").write_text(json.dumps(res, indent=1))
+    if args.save_latents:
+        np.savez_compressed(out / "celltypes_nbvae_latents.npz",
+                            **{f"seed{s}": adata.obsm[f"X_nbvae_s{s}"] for s in args.seeds})
     write_markdown(res, out / "celltypes_nbvae.md")
     log(f"wrote {out / 'celltypes_nbvae.md'}")
 

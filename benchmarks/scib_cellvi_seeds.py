@@ -40,7 +40,10 @@ def main(argv=None) -> None:
     p.add_argument("--dataset", default="kang2018_pbmc_ctrl_8donors")
     p.add_argument("--seeds", nargs="+", type=int, required=True)
     p.add_argument("--out", default=str(base.REPO / "benchmarks" / "results"))
+    p.add_argument("--nbvae-kwargs", default="{}",
+                   help='JSON keyword arguments of cellvi.tl.nbvae, e.g. \'{"n_latent": 20}\'')
     args = p.parse_args(argv)
+    kwargs = json.loads(args.nbvae_kwargs)
     warnings.filterwarnings("ignore")
     t_start = time.perf_counter()
     git = git_state()
@@ -53,7 +56,7 @@ def main(argv=None) -> None:
     adata.obsm["X_harmony"], secs = base.run_harmony(adata, seed=0)
     methods["X_harmony"] = ("Harmony", 0, secs)
     for seed in args.seeds:
-        z, secs, info = base.run_cellvi(adata, seed)
+        z, secs, info = base.run_cellvi(adata, seed, **kwargs)
         adata.obsm[f"X_nbvae_s{seed}"] = z
         methods[f"X_nbvae_s{seed}"] = ("cellvi NB-VAE", seed, secs)
         log(f"   cellvi seed {seed}: {secs:.1f} s, {info.get('n_epochs')} epochs")
@@ -65,7 +68,7 @@ def main(argv=None) -> None:
     res = dict(command="python benchmarks/scib_cellvi_seeds.py "
                + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
                date=time.strftime("%Y-%m-%d %H:%M %Z"), git=git, versions=base._versions(),
-               dataset=args.dataset, notes=notes, rows=rows,
+               dataset=args.dataset, nbvae_kwargs=kwargs, notes=notes, rows=rows,
                cellvi_total_mean=float(np.mean(cellvi_totals)), harmony_total=harmony,
                cellvi_seeds_below_harmony=int(sum(t < harmony for t in cellvi_totals)),
                total_s=time.perf_counter() - t_start)
@@ -84,7 +87,9 @@ def markdown(res: dict) -> str:
              f"Date: {res['date']}  ",
              f"cellvi code: git {git.get('head', '?')}{' (uncommitted changes under cellvi/)' if git.get('cellvi_dirty') else ''}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + "\n",
-             "Same preprocessing, `cellvi.tl.nbvae` call and scib-metrics `Benchmarker` settings "
+             "Same preprocessing, `cellvi.tl.nbvae` call"
+             + "".join(f" ({k}={v!r})" for k, v in res.get("nbvae_kwargs", {}).items())
+             + " and scib-metrics `Benchmarker` settings "
              "as `scib_nbvae.py` (single-threaded; `min_max_scale=False`); scVI is not run here "
              f"(see `scib_nbvae.md`). Genes: {res['notes']['genes']}.\n",
              "| method | seed | " + " | ".join(COLUMNS) + " | train s |",

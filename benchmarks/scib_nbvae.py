@@ -137,14 +137,15 @@ def run_scvi(adata, seed: int) -> tuple[np.ndarray, float, dict]:
     return np.asarray(z, dtype=np.float32), secs, info
 
 
-def run_cellvi(adata, seed: int, retries: int = 3, wait: float = 60.0):
+def run_cellvi(adata, seed: int, retries: int = 3, wait: float = 60.0, **nbvae_kwargs):
     for attempt in range(retries + 1):
         cellvi = import_cellvi()
         torch.set_num_threads(1)
         a = adata.copy()
         try:
             t0 = time.perf_counter()
-            cellvi.tl.nbvae(a, layer="counts", batch_key=BATCH_KEY, seed=seed, verbose=False)
+            cellvi.tl.nbvae(a, layer="counts", batch_key=BATCH_KEY, seed=seed, verbose=False,
+                            **nbvae_kwargs)
             secs = time.perf_counter() - t0
         except Exception as err:  # noqa: BLE001
             if attempt == retries:

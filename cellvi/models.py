@@ -214,6 +214,11 @@ class NBVAE(_Model):
         likelihood: ``"nb"``, ``"zinb"`` or ``"poisson"``.
         dispersion: ``"gene"`` or ``"gene-batch"`` inverse dispersion.
         n_hidden, n_layers, dropout, norm: network settings.
+        input_scale: what the encoder sees. ``None`` (default): ``log1p`` of the counts as
+            they are. A number: each cell scaled to that total first,
+            ``log1p(x / library * input_scale)``, as ``normalize_total`` + ``log1p`` does;
+            ``"median"``: to the median library size of the training cells (stored as a
+            number). The decoder always gets the observed library size.
 
     Example:
         >>> model = cellvi.models.NBVAE(adata, layer="counts", batch_key="donor")
@@ -234,12 +239,22 @@ class NBVAE(_Model):
         n_layers: int = 1,
         dropout: float = 0.1,
         norm: str | None = "batch",
+        input_scale: float | str | None = None,
     ):
         data = prepare_counts(adata, layer, batch_key)
+        if isinstance(input_scale, str):
+            if input_scale != "median":
+                raise ValueError(f"input_scale must be a positive number, 'median' or None, "
+                                 f"got {input_scale!r}")
+            input_scale = float(np.median(np.exp(data.log_library.astype(np.float64))))
+        elif input_scale is not None and not input_scale > 0:
+            raise ValueError(f"input_scale must be a positive number, 'median' or None, "
+                             f"got {input_scale}")
         self.settings: dict[str, Any] = dict(
             layer=layer, batch_keys=data.batch_keys, n_latent=int(n_latent), likelihood=likelihood,
             dispersion=dispersion, n_hidden=int(n_hidden), n_layers=int(n_layers),
             dropout=float(dropout), norm=norm,
+            input_scale=None if input_scale is None else float(input_scale),
         )
         self.var_names = data.var_names
         self.categories = data.categories
@@ -262,7 +277,8 @@ class NBVAE(_Model):
                                    n_layers=s["n_layers"], n_cats_per_cov=n_cats, norm=s["norm"])
             if self._data is not None and n_cats:
                 decoder.init_batch_offsets(batch_log_ratios(self._data))
-            return VAE(encoder, decoder, StandardNormal(s["n_latent"]), log1p_input=True)
+            return VAE(encoder, decoder, StandardNormal(s["n_latent"]), log1p_input=True,
+                       input_scale=s.get("input_scale"))
 
     # -- training -----------------------------------------------------------------------
     def fit(

@@ -17,7 +17,7 @@ from .train import train as _train
 
 __all__ = ["nbvae", "gmvae"]
 
-_MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm")
+_MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm", "input_scale")
 _FIT_KWARGS = ("batch_size", "lr") + tuple(
     p for p in inspect.signature(_train).parameters
     if p not in {"module", "data", "max_epochs", "batch_size", "lr", "seed", "verbose", "desc"}
@@ -106,7 +106,7 @@ def nbvae(
         return_model: also return the trained :class:`cellvi.models.NBVAE`.
         verbose: progress bar.
         **model_kwargs: network settings (``dispersion``, ``n_hidden``, ``n_layers``,
-            ``dropout``, ``norm``) and training settings (``batch_size``, ``lr``,
+            ``dropout``, ``norm``, ``input_scale``) and training settings (``batch_size``, ``lr``,
             ``kl_warmup_steps``, ``kl_weight``, ``patience``, ``validation_fraction``, ...).
 
     Returns:

@@ -11,6 +11,8 @@ Nothing here knows about AnnData. A mini-batch is a dict of tensors:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributions import Distribution
@@ -30,24 +32,34 @@ class VAE(nn.Module):
         decoder: module, ``decoder(z, covs, *extra) -> Distribution`` over x.
         prior: module, ``prior() -> Distribution`` over z.
         log1p_input: encode ``log1p(x)`` instead of ``x`` (count data).
+        input_scale: if given, the encoder sees each cell scaled to this total,
+            ``x / library * input_scale`` (then ``log1p``), as in ``normalize_total`` +
+            ``log1p``; needs ``"log_library"`` in the batch. ``None``: the counts as they are.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module,
-                 log1p_input: bool = True):
+                 log1p_input: bool = True, input_scale: float | None = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.prior = prior
         self.log1p_input = log1p_input
+        self.input_scale = input_scale
 
     def encode(self, batch: dict[str, torch.Tensor]) -> Distribution:
         nz = batch.get("x_nonzero")
+        factor = None
+        if self.input_scale is not None:  # per-cell factor input_scale / library
+            factor = torch.exp(math.log(self.input_scale) - batch["log_library"])
         if nz is not None:  # the encoder's first layer then works on the non-zeros only
             rows, cols, values = nz
+            if factor is not None:
+                values = values * factor[rows, 0]
             x = SparseRows(rows, cols, torch.log1p(values) if self.log1p_input else values,
                            batch["x"].shape[0])
         else:
-            x = torch.log1p(batch["x"]) if self.log1p_input else batch["x"]
+            x = batch["x"] if factor is None else batch["x"] * factor
+            x = torch.log1p(x) if self.log1p_input else x
         return self.encoder(x, batch.get("covs"))
 
     def decode(self, z: torch.Tensor, batch: dict[str, torch.Tensor]) -> Distribution:

@@ -107,7 +107,48 @@ def test_model_variants_train(small_adata, kwargs):
     assert np.isfinite(m.history["train_elbo"]).all()
 
 
+def test_input_scale_encodes_library_normalized_counts(small_adata, tmp_path):
+    """input_scale: the encoder sees log1p(x / library * input_scale), on the sparse
+    (non-zeros) path and on the dense one; the setting survives save/load."""
+    from cellvi.data import prepare_counts
+    from cellvi.train import DeviceData
+
+    m = NBVAE(small_adata, batch_key="batch", n_latent=3, input_scale=1e4).fit(max_epochs=2, verbose=False)
+    assert m.settings["input_scale"] == 1e4
+    d = prepare_counts(small_adata, batch_key="batch")
+    batch = DeviceData.from_arrays(d.X, torch.device("cpu"), covs=d.covs,
+                                   log_library=d.log_library).batch(torch.arange(small_adata.n_obs))
+    assert "x_nonzero" in batch  # CSR input: the first layer runs on the non-zeros
+    dense = {k: v for k, v in batch.items() if k != "x_nonzero"}
+    X = np.asarray(small_adata.X.toarray(), dtype=np.float64)
+    normalized = dict(dense, x=torch.as_tensor(X / X.sum(1, keepdims=True) * 1e4, dtype=torch.float32))
+    with torch.no_grad():
+        sparse_mean = m.module.encode(batch).mean
+        dense_mean = m.module.encode(dense).mean
+        m.module.input_scale = None  # by hand: the same encoder on normalized input
+        by_hand = m.module.encode(normalized).mean
+        m.module.input_scale = 1e4
+    np.testing.assert_allclose(sparse_mean, dense_mean, atol=1e-5)
+    np.testing.assert_allclose(dense_mean, by_hand, atol=1e-5)
+    # the raw counts give another encoding (the library factor is not the identity)
+    with torch.no_grad():
+        m.module.input_scale = None
+        assert not np.allclose(m.module.encode(dense).mean, dense_mean, atol=1e-3)
+        m.module.input_scale = 1e4
+    m.save(tmp_path / "m")
+    loaded = NBVAE.load(tmp_path / "m", adata=small_adata, device="cpu")
+    assert loaded.module.input_scale == 1e4
+    # "median": the training cells' median library size, stored as a number
+    med = NBVAE(small_adata, input_scale="median").settings["input_scale"]
+    assert med == pytest.approx(float(np.median(np.asarray(small_adata.X.sum(1)))))
+    np.testing.assert_array_equal(loaded.get_latent(small_adata), m.get_latent(small_adata))
+
+
 def test_bad_model_settings(small_adata):
+    with pytest.raises(ValueError, match="input_scale must be a positive number"):
+        NBVAE(small_adata, input_scale=0)
+    with pytest.raises(ValueError, match="'median' or None, got 'mean'"):
+        NBVAE(small_adata, input_scale="mean")
     with pytest.raises(ValueError, match="likelihood"):
         NBVAE(small_adata, likelihood="gaussian")
     with pytest.raises(ValueError, match="gene-batch.*batch_key"):

@@ -124,7 +124,9 @@ def test_unknown_keyword_is_an_error(small_adata):
 
 def test_model_and_training_kwargs_are_routed(small_adata):
     m = cellvi.tl.nbvae(small_adata, max_epochs=2, n_hidden=16, batch_size=64, patience=3,
-                        kl_warmup_steps=5, kl_weight=0.8, return_model=True, verbose=False)
-    assert m.settings["n_hidden"] == 16
+                        kl_warmup_steps=5, kl_weight=0.8, input_scale=1e4, return_model=True,
+                        verbose=False)
+    assert m.settings["n_hidden"] == 16 and m.module.input_scale == 1e4
+    assert small_adata.uns["nbvae"]["settings"]["input_scale"] == 1e4
     assert m.train_settings["batch_size"] == 64 and m.train_settings["kl_warmup_steps"] == 5
     assert m.train_settings["kl_weight"] == 0.8 and m.history["beta"][-1] == pytest.approx(0.8)
