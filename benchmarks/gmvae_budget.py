@@ -57,6 +57,10 @@ def _schedule(init_cells: int, warmup_steps: int, mixture_steps: int, min_epochs
 CONFIGS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
     "L1": (dict(n_layers=1), {}),  # the default budget with one hidden layer per network
+    # the default training with cheaper set-up: one GMM restart (N1), and a 5,000-cell probe
+    # for the per-epoch π update and the merges (N1P5)
+    "N1": (dict(n_init=1), {}),
+    "N1P5": (dict(n_init=1), dict(PROBE_CELLS=5000)),
     "B": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 150, 400, 5)),
     "C": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 200, 700, 5)),
     "D": (dict(_FAST_NET, n_hidden=128, batch_size=1024), _schedule(10000, 200, 700, 5)),
