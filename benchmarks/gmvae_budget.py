@@ -117,7 +117,8 @@ NOTES = (
     "0dbc1ca, the same labels as 51c2a4a; field `source`), whose FlowSOM ran in the same "
     "runs: 0.6-0.7 s on flowsom_68983, 2.1 s on Spectre, 0.3 s on FlowCAP. The `default` "
     "rows of sim and flowcap and all `L1` rows were run by this script at the end of the stop "
-    "(git a5aa4e7 plus the `L1` entry)."
+    "(git a5aa4e7 plus the `L1` entry). The `N1` and `N1P5` rows: stop 17, git 2bb8c7b (the "
+    "GMVAE code as in stop 16), the two configurations run side by side, one thread each."
 )
 
 
