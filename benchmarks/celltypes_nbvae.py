@@ -134,10 +134,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(base.REPO / "benchmarks" / "results"))
     p.add_argument("--save-latents", action="store_true",
                    help="also write the latents to <out>/celltypes_nbvae_latents.npz")
-    p.add_argument("--nbvae-kwargs", default="{}",
-                   help='JSON keyword arguments of cellvi.tl.nbvae, e.g. \'{"n_latent": 20}\'')
+    base.add_nbvae_kwargs_option(p)
     args = p.parse_args(argv)
-    kwargs = json.loads(args.nbvae_kwargs)
+    kwargs = args.nbvae_kwargs
     warnings.filterwarnings("ignore")
     t_start = time.perf_counter()
     git = git_state()

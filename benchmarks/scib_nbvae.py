@@ -137,6 +137,12 @@ def run_scvi(adata, seed: int) -> tuple[np.ndarray, float, dict]:
     return np.asarray(z, dtype=np.float32), secs, info
 
 
+def add_nbvae_kwargs_option(parser) -> None:
+    """``--nbvae-kwargs``: JSON keyword arguments passed on to ``cellvi.tl.nbvae``."""
+    parser.add_argument("--nbvae-kwargs", default={}, type=json.loads,
+                        help='JSON keyword arguments of cellvi.tl.nbvae, e.g. \'{"n_latent": 20}\'')
+
+
 def run_cellvi(adata, seed: int, retries: int = 3, wait: float = 60.0, **nbvae_kwargs):
     for attempt in range(retries + 1):
         cellvi = import_cellvi()

@@ -242,14 +242,11 @@ class NBVAE(_Model):
         input_scale: float | str | None = None,
     ):
         data = prepare_counts(adata, layer, batch_key)
-        if isinstance(input_scale, str):
-            if input_scale != "median":
-                raise ValueError(f"input_scale must be a positive number, 'median' or None, "
-                                 f"got {input_scale!r}")
+        if isinstance(input_scale, str) and input_scale == "median":
             input_scale = float(np.median(np.exp(data.log_library.astype(np.float64))))
-        elif input_scale is not None and not input_scale > 0:
+        if input_scale is not None and (isinstance(input_scale, str) or not input_scale > 0):
             raise ValueError(f"input_scale must be a positive number, 'median' or None, "
-                             f"got {input_scale}")
+                             f"got {input_scale!r}")
         self.settings: dict[str, Any] = dict(
             layer=layer, batch_keys=data.batch_keys, n_latent=int(n_latent), likelihood=likelihood,
             dispersion=dispersion, n_hidden=int(n_hidden), n_layers=int(n_layers),
