@@ -14,11 +14,17 @@ Per embedding:
   resolutions (0.1, 0.2, ..., 2.0, as in ``scib.metrics.cluster_optimal_resolution``): at
   resolution 1 (scanpy's default), the best over the grid (scib's "optimal resolution"
   protocol) and at the resolution whose cluster count is closest to the number of cell types
-  (the mean over ties).
+  (the mean over ties). Leiden's own ``random_state`` is 0; ``--leiden-seeds N`` repeats the
+  grid with Leiden seeds 0..N-1 and reports each measure as the mean over them (PCA has no
+  training seed, so this is the only way its figure can be a mean too).
+
+``--latents FILE`` scores the latents saved by an earlier ``--save-latents`` run instead of
+training (same preprocessing; seeds taken from the file).
 
 Usage::
 
     python benchmarks/celltypes_nbvae.py --seeds 0 1 2 3 --jobs 2 --out DIR
+    python benchmarks/celltypes_nbvae.py --latents DIR/celltypes_nbvae_latents.npz --leiden-seeds 3 --out DIR2
 
 Writes ``<out>/celltypes_nbvae.md`` and ``.json``. Training runs single-threaded, ``--jobs``
 seeds at a time.
@@ -55,7 +61,10 @@ def _train(adata, seed: int, kwargs: dict):
     return seed, z, secs, info.get("n_epochs")
 
 
-def score(adata, rep: str, labels: np.ndarray) -> dict:
+def score(adata, rep: str, labels: np.ndarray, leiden_seeds: int = 1) -> dict:
+    """k-means and Leiden ARIs of one embedding; the Leiden measures are means over Leiden
+    seeds 0..leiden_seeds-1 (``leiden`` holds the grid of seed 0, ``leiden_runs`` each
+    seed's measures)."""
     import scanpy as sc
     from sklearn.cluster import KMeans
 
@@ -65,19 +74,25 @@ def score(adata, rep: str, labels: np.ndarray) -> dict:
     km = [cellvi.metrics.ari(labels, KMeans(k, n_init=10, random_state=s).fit_predict(X))
           for s in KMEANS_SEEDS]
     sc.pp.neighbors(adata, use_rep=rep, random_state=0, key_added=rep)
-    grid = []
-    for r in RESOLUTIONS:
-        sc.tl.leiden(adata, resolution=r, flavor="igraph", n_iterations=2, random_state=0,
-                     neighbors_key=rep, key_added="_leiden")
-        grid.append(dict(resolution=r, ari=cellvi.metrics.ari(labels, adata.obs["_leiden"]),
-                         n_clusters=int(adata.obs["_leiden"].nunique())))
+    runs, grids = [], []
+    for leiden_seed in range(leiden_seeds):
+        grid = []
+        for r in RESOLUTIONS:
+            sc.tl.leiden(adata, resolution=r, flavor="igraph", n_iterations=2,
+                         random_state=leiden_seed, neighbors_key=rep, key_added="_leiden")
+            grid.append(dict(resolution=r, ari=cellvi.metrics.ari(labels, adata.obs["_leiden"]),
+                             n_clusters=int(adata.obs["_leiden"].nunique())))
+        gap = [abs(g["n_clusters"] - k) for g in grid]
+        near = [g["ari"] for g, d in zip(grid, gap, strict=True) if d == min(gap)]
+        best = max(grid, key=lambda g: g["ari"])
+        runs.append(dict(leiden_seed=leiden_seed, leiden_res1=grid[RESOLUTIONS.index(1.0)]["ari"],
+                         leiden_best=best["ari"], leiden_best_resolution=best["resolution"],
+                         leiden_k=float(np.mean(near))))
+        grids.append(grid)
     del adata.obs["_leiden"]
-    gap = [abs(g["n_clusters"] - k) for g in grid]
-    near = [g["ari"] for g, d in zip(grid, gap, strict=True) if d == min(gap)]
-    best = max(grid, key=lambda g: g["ari"])
-    return dict(kmeans=float(np.mean(km)), kmeans_runs=km, leiden=grid,
-                leiden_res1=grid[RESOLUTIONS.index(1.0)]["ari"], leiden_best=best["ari"],
-                leiden_best_resolution=best["resolution"], leiden_k=float(np.mean(near)))
+    mean = {m: float(np.mean([r[m] for r in runs])) for m in ("leiden_res1", "leiden_best", "leiden_k")}
+    return dict(kmeans=float(np.mean(km)), kmeans_runs=km, leiden=grids[0], leiden_runs=runs,
+                leiden_best_resolution=runs[0]["leiden_best_resolution"], **mean)
 
 
 def _seed(row: dict) -> str:
@@ -89,7 +104,9 @@ def write_markdown(res: dict, path: Path) -> None:
          f"Command: `{res['command']}`  ",
          f"Date: {res['date']}  ",
          f"cellvi code: git {res['git']['head']}"
-         + (" (uncommitted changes under cellvi/)" if res["git"]["cellvi_dirty"] else ""),
+         + (" (uncommitted changes under cellvi/)" if res["git"]["cellvi_dirty"] else "")
+         + (f"; latents not trained here but read from `{res['latents']}`"
+            if res.get("latents") else ""),
          "", "Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()), "",
          f"Dataset `{res['dataset']}`: {res['notes']['n_obs']:,} cells x "
          f"{res['notes']['n_vars']:,} genes ({res['notes']['genes']}), "
@@ -101,7 +118,9 @@ def write_markdown(res: dict, path: Path) -> None:
          "single-threaded. k-means: k = number of cell types, n_init 10, mean of k-means "
          "seeds 0-2. Leiden: 15 neighbours, resolutions " + ", ".join(map(str, RESOLUTIONS))
          + "; '~K clusters' is the resolution whose cluster count is nearest the number of "
-         "cell types.", "",
+         "cell types. " + (f"Leiden measures: mean over Leiden seeds 0-{res['leiden_seeds'] - 1} "
+                           "(best resolution and the grid below: Leiden seed 0)."
+                           if res.get("leiden_seeds", 1) > 1 else "Leiden seed 0."), "",
          "| embedding | seed | " + " | ".join(MEASURES.values())
          + " | best resolution | train s | epochs |",
          "|---|---|" + "---|" * (len(MEASURES) + 3)]
@@ -134,6 +153,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(base.REPO / "benchmarks" / "results"))
     p.add_argument("--save-latents", action="store_true",
                    help="also write the latents to <out>/celltypes_nbvae_latents.npz")
+    p.add_argument("--leiden-seeds", type=int, default=1,
+                   help="Leiden random seeds per embedding (measures are their mean)")
+    p.add_argument("--latents", default=None,
+                   help="score latents saved by --save-latents (keys seed<N>) instead of training")
     base.add_nbvae_kwargs_option(p)
     args = p.parse_args(argv)
     kwargs = args.nbvae_kwargs
@@ -146,16 +169,23 @@ def main(argv=None) -> None:
     labels = adata.obs[base.LABEL_KEY].astype(str).to_numpy()
     adata.obsm["X_pca30"] = np.asarray(adata.obsm["X_pca"])[:, :30]
     trained = {}
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-        for seed, z, secs, epochs in pool.map(_train, [adata] * len(args.seeds), args.seeds,
-                                                 [kwargs] * len(args.seeds)):
-            log(f"cellvi seed {seed}: {secs:.0f} s, {epochs} epochs")
-            adata.obsm[f"X_nbvae_s{seed}"] = z
-            trained[seed] = (secs, epochs)
+    if args.latents:  # score saved latents: no training, so no seconds or epochs
+        saved = np.load(args.latents)
+        args.seeds = sorted(int(key[len("seed"):]) for key in saved.files)
+        for seed in args.seeds:
+            adata.obsm[f"X_nbvae_s{seed}"] = saved[f"seed{seed}"]
+            trained[seed] = (None, None)
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for seed, z, secs, epochs in pool.map(_train, [adata] * len(args.seeds), args.seeds,
+                                                     [kwargs] * len(args.seeds)):
+                log(f"cellvi seed {seed}: {secs:.0f} s, {epochs} epochs")
+                adata.obsm[f"X_nbvae_s{seed}"] = z
+                trained[seed] = (secs, epochs)
     rows = []
     for rep, name, seed in ([("X_pca", "PCA (50 PCs)", None), ("X_pca30", "PCA (30 PCs)", None)]
                             + [(f"X_nbvae_s{s}", "cellvi NB-VAE", s) for s in args.seeds]):
-        row = dict(embedding=name, seed=seed, **score(adata, rep, labels))
+        row = dict(embedding=name, seed=seed, **score(adata, rep, labels, args.leiden_seeds))
         if seed is not None:
             row["train_s"], row["epochs"] = trained[seed]
         rows.append(row)
@@ -172,7 +202,8 @@ def main(argv=None) -> None:
                date=time.strftime("%Y-%m-%d %H:%M %Z"), git=git,
                versions=versions(("cellvi", "torch", "scanpy", "scikit-learn", "leidenalg",
                                   "igraph")),
-               dataset=args.dataset, nbvae_kwargs=kwargs, notes=notes, seeds=args.seeds, rows=rows, summary=summary,
+               dataset=args.dataset, nbvae_kwargs=kwargs, notes=notes, seeds=args.seeds,
+               latents=args.latents, leiden_seeds=args.leiden_seeds, rows=rows, summary=summary,
                total_s=time.perf_counter() - t_start)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
