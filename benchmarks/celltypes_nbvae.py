@@ -1,4 +1,4 @@
-"""Cell types in the NB-VAE latent vs PCA: k-means and Leiden ARI over training seeds.
+"""Cell types in the NB-VAE latent vs PCA (and scVI, Harmony): k-means and Leiden ARI over training seeds.
 
 The foundation issue asks that the latent of ``cellvi.tl.nbvae`` on Kang 8 donors separates
 ``cell_type`` at least as well as PCA on log-normalized data (ARI of k-means or Leiden). A
@@ -25,6 +25,11 @@ Usage::
 
     python benchmarks/celltypes_nbvae.py --seeds 0 1 2 3 --jobs 2 --out DIR
     python benchmarks/celltypes_nbvae.py --latents DIR/celltypes_nbvae_latents.npz --leiden-seeds 3 --out DIR2
+    python benchmarks/celltypes_nbvae.py --seeds 0 1 2 3 --scvi-seeds 0 1 2 3 --harmony --jobs 2 --out DIR
+
+``--scvi-seeds`` and ``--harmony`` score the peers of ``scib_nbvae.py`` (scvi-tools ``SCVI``
+with its defaults, Harmony on the 50 PCs) the same way, so that the cellvi figures can be read
+beside another VAE and the usual integration method.
 
 Writes ``<out>/celltypes_nbvae.md`` and ``.json``. Training runs single-threaded, ``--jobs``
 seeds at a time.
@@ -54,6 +59,11 @@ RESOLUTIONS = [round(0.1 * i, 1) for i in range(1, 21)]  # scib's optimal-resolu
 KMEANS_SEEDS = [0, 1, 2]
 MEASURES = {"kmeans": "k-means ARI", "leiden_res1": "Leiden ARI, resolution 1",
             "leiden_best": "Leiden ARI, best resolution", "leiden_k": "Leiden ARI, ~K clusters"}
+
+
+def _train_scvi(adata, seed: int):
+    z, secs, info = base.run_scvi(adata, seed)
+    return seed, z, secs, info.get("n_epochs")
 
 
 def _train(adata, seed: int, kwargs: dict):
@@ -100,7 +110,8 @@ def _seed(row: dict) -> str:
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    L = ["# Cell types in the NB-VAE latent vs PCA (k-means and Leiden ARI)", "",
+    L = ["# Cell types in the NB-VAE latent vs PCA" + (" and peers" if res.get("scvi_seeds") or res.get("harmony") else "")
+         + " (k-means and Leiden ARI)", "",
          f"Command: `{res['command']}`  ",
          f"Date: {res['date']}  ",
          f"cellvi code: git {res['git']['head']}"
@@ -126,15 +137,16 @@ def write_markdown(res: dict, path: Path) -> None:
          "|---|---|" + "---|" * (len(MEASURES) + 3)]
     for row in res["rows"]:
         vals = " | ".join(f"{row[m]:.3f}" for m in MEASURES)
-        secs = f"{row['train_s']:.0f}" if row.get("train_s") is not None else "–"
+        t = row.get("train_s")
+        secs = "–" if t is None else f"{t:.0f}" if t >= 10 else f"{t:.1f}"
         L.append(f"| {row['embedding']} | {_seed(row)} | {vals} | {row['leiden_best_resolution']} | {secs} | {row.get('epochs') or '–'} |")
-    L += ["", "## cellvi over training seeds vs PCA (50 PCs)", "",
-          "| measure | cellvi mean (range) | PCA 50 | PCA 30 | seeds >= PCA 50 |",
-          "|---|---|---|---|---|"]
+    L += ["", "## Over training seeds vs PCA (50 PCs)", "",
+          "| measure | embedding | mean (range) | PCA 50 | PCA 30 | seeds >= PCA 50 |",
+          "|---|---|---|---|---|---|"]
     for m, name in MEASURES.items():
-        s = res["summary"][m]
-        L.append(f"| {name} | {s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
-                 f"{s['pca50']:.3f} | {s['pca30']:.3f} | {s['n_at_least_pca50']} of {s['n']} |")
+        for emb, s in res["summary"][m].items():
+            L.append(f"| {name} | {emb} | {s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
+                     f"{s['pca50']:.3f} | {s['pca30']:.3f} | {s['n_at_least_pca50']} of {s['n']} |")
     L += ["", "## Leiden grid (ARI / clusters)", "",
           "| embedding | seed | " + " | ".join(map(str, RESOLUTIONS)) + " |",
           "|---|---|" + "---|" * len(RESOLUTIONS)]
@@ -157,6 +169,10 @@ def main(argv=None) -> None:
                    help="Leiden random seeds per embedding (measures are their mean)")
     p.add_argument("--latents", default=None,
                    help="score latents saved by --save-latents (keys seed<N>) instead of training")
+    p.add_argument("--scvi-seeds", nargs="*", type=int, default=[],
+                   help="also score scvi-tools SCVI (its defaults, as scib_nbvae.py) over these seeds")
+    p.add_argument("--harmony", action="store_true",
+                   help="also score Harmony on the 50 PCs (harmonypy, random_state 0)")
     base.add_nbvae_kwargs_option(p)
     args = p.parse_args(argv)
     kwargs = args.nbvae_kwargs
@@ -171,46 +187,57 @@ def main(argv=None) -> None:
     trained = {}
     if args.latents:  # score saved latents: no training, so no seconds or epochs
         saved = np.load(args.latents)
-        args.seeds = sorted(int(key[len("seed"):]) for key in saved.files)
+        args.seeds = sorted(int(key[len("seed"):]) for key in saved.files if key.startswith("seed"))
         for seed in args.seeds:
             adata.obsm[f"X_nbvae_s{seed}"] = saved[f"seed{seed}"]
-            trained[seed] = (None, None)
-    else:
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for seed, z, secs, epochs in pool.map(_train, [adata] * len(args.seeds), args.seeds,
-                                                     [kwargs] * len(args.seeds)):
-                log(f"cellvi seed {seed}: {secs:.0f} s, {epochs} epochs")
-                adata.obsm[f"X_nbvae_s{seed}"] = z
-                trained[seed] = (secs, epochs)
+    seeds = [] if args.latents else args.seeds
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        jobs = ([("X_nbvae", "cellvi", pool.submit(_train, adata, s, kwargs)) for s in seeds]
+                + [("X_scvi", "scVI", pool.submit(_train_scvi, adata, s)) for s in args.scvi_seeds])
+        for key, name, job in jobs:
+            seed, z, secs, epochs = job.result()
+            log(f"{name} seed {seed}: {secs:.0f} s, {epochs} epochs")
+            adata.obsm[f"{key}_s{seed}"] = z
+            trained[key, seed] = (secs, epochs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.save_latents:  # before scoring, so that a failure there loses no training
+        np.savez_compressed(out / "celltypes_nbvae_latents.npz",
+                            **{f"seed{s}": adata.obsm[f"X_nbvae_s{s}"] for s in args.seeds},
+                            **{f"scvi{s}": adata.obsm[f"X_scvi_s{s}"] for s in args.scvi_seeds})
+    embeddings = [("X_pca", "PCA (50 PCs)", None), ("X_pca30", "PCA (30 PCs)", None)]
+    if args.harmony:
+        adata.obsm["X_harmony"], secs = base.run_harmony(adata, 0)
+        trained["X_harmony", None] = (secs, None)
+        embeddings.append(("X_harmony", "Harmony (50 PCs)", None))
+    embeddings += ([(f"X_nbvae_s{s}", "cellvi NB-VAE", s) for s in args.seeds]
+                   + [(f"X_scvi_s{s}", "scVI", s) for s in args.scvi_seeds])
     rows = []
-    for rep, name, seed in ([("X_pca", "PCA (50 PCs)", None), ("X_pca30", "PCA (30 PCs)", None)]
-                            + [(f"X_nbvae_s{s}", "cellvi NB-VAE", s) for s in args.seeds]):
+    for rep, name, seed in embeddings:
         row = dict(embedding=name, seed=seed, **score(adata, rep, labels, args.leiden_seeds))
-        if seed is not None:
-            row["train_s"], row["epochs"] = trained[seed]
+        key = rep if seed is None else rep.rsplit("_s", 1)[0]
+        row["train_s"], row["epochs"] = trained.get((key, seed), (None, None))
         rows.append(row)
         log(f"{name} {seed}: " + ", ".join(f"{m} {row[m]:.3f}" for m in MEASURES))
     pca50, pca30 = rows[0], rows[1]
     summary = {}
     for m in MEASURES:
-        v = np.array([r[m] for r in rows[2:]])
-        summary[m] = dict(mean=float(v.mean()), min=float(v.min()), max=float(v.max()),
-                          pca50=pca50[m], pca30=pca30[m], n=len(v),
-                          n_at_least_pca50=int((v >= pca50[m]).sum()))
+        summary[m] = {}
+        for emb in dict.fromkeys(r["embedding"] for r in rows[2:]):
+            v = np.array([r[m] for r in rows[2:] if r["embedding"] == emb])
+            summary[m][emb] = dict(mean=float(v.mean()), min=float(v.min()), max=float(v.max()),
+                                   pca50=pca50[m], pca30=pca30[m], n=len(v),
+                                   n_at_least_pca50=int((v >= pca50[m]).sum()))
     res = dict(command="python " + " ".join(shlex.quote(a) for a in
                                             ["benchmarks/celltypes_nbvae.py", *sys.argv[1:]]),
                date=time.strftime("%Y-%m-%d %H:%M %Z"), git=git,
                versions=versions(("cellvi", "torch", "scanpy", "scikit-learn", "leidenalg",
                                   "igraph")),
                dataset=args.dataset, nbvae_kwargs=kwargs, notes=notes, seeds=args.seeds,
-               latents=args.latents, leiden_seeds=args.leiden_seeds, rows=rows, summary=summary,
+               latents=args.latents, leiden_seeds=args.leiden_seeds, scvi_seeds=args.scvi_seeds,
+               harmony=args.harmony, rows=rows, summary=summary,
                total_s=time.perf_counter() - t_start)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "celltypes_nbvae.json").write_text(json.dumps(res, indent=1))
-    if args.save_latents:
-        np.savez_compressed(out / "celltypes_nbvae_latents.npz",
-                            **{f"seed{s}": adata.obsm[f"X_nbvae_s{s}"] for s in args.seeds})
     write_markdown(res, out / "celltypes_nbvae.md")
     log(f"wrote {out / 'celltypes_nbvae.md'}")
 
