@@ -126,7 +126,12 @@ def write_markdown(res: dict, path: Path) -> None:
          "`cellvi.tl.nbvae(adata, layer=\"counts\", batch_key=\"donor\", seed=s"
          + "".join(f", {k}={v!r}" for k, v in res.get("nbvae_kwargs", {}).items())
          + ")`, otherwise defaults, "
-         "single-threaded. k-means: k = number of cell types, n_init 10, mean of k-means "
+         "single-threaded. "
+         + ("scVI: scvi-tools `SCVI(adata)` with its defaults (batch `donor`, counts), "
+            "single-threaded. " if res.get("scvi_seeds") else "")
+         + ("Harmony: harmonypy on the 50 PCs, batch `donor`, random_state 0. "
+            if res.get("harmony") else "")
+         + "k-means: k = number of cell types, n_init 10, mean of k-means "
          "seeds 0-2. Leiden: 15 neighbours, resolutions " + ", ".join(map(str, RESOLUTIONS))
          + "; '~K clusters' is the resolution whose cluster count is nearest the number of "
          "cell types. " + (f"Leiden measures: mean over Leiden seeds 0-{res['leiden_seeds'] - 1} "
