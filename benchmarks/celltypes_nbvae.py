@@ -149,7 +149,10 @@ def write_markdown(res: dict, path: Path) -> None:
           "| measure | embedding | mean (range) | PCA 50 | PCA 30 | seeds >= PCA 50 |",
           "|---|---|---|---|---|---|"]
     for m, name in MEASURES.items():
-        for emb, s in res["summary"][m].items():
+        by_emb = res["summary"][m]
+        if "mean" in by_emb:  # a json written before the peers (cellvi only)
+            by_emb = {"cellvi NB-VAE": by_emb}
+        for emb, s in by_emb.items():
             L.append(f"| {name} | {emb} | {s['mean']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
                      f"{s['pca50']:.3f} | {s['pca30']:.3f} | {s['n_at_least_pca50']} of {s['n']} |")
     L += ["", "## Leiden grid (ARI / clusters)", "",
