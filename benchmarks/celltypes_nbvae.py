@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     notes = base.preprocess(adata)
     labels = adata.obs[base.LABEL_KEY].astype(str).to_numpy()
     adata.obsm["X_pca30"] = np.asarray(adata.obsm["X_pca"])[:, :30]
-    trained = {}
+    trained = {}  # obsm key -> (training seconds, epochs)
     if args.latents:  # score saved latents: no training, so no seconds or epochs
         saved = np.load(args.latents)
         args.seeds = sorted(int(key[len("seed"):]) for key in saved.files if key.startswith("seed"))
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
             seed, z, secs, epochs = job.result()
             log(f"{name} seed {seed}: {secs:.0f} s, {epochs} epochs")
             adata.obsm[f"{key}_s{seed}"] = z
-            trained[key, seed] = (secs, epochs)
+            trained[f"{key}_s{seed}"] = (secs, epochs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.save_latents:  # before scoring, so that a failure there loses no training
@@ -216,15 +216,14 @@ def main(argv=None) -> None:
     embeddings = [("X_pca", "PCA (50 PCs)", None), ("X_pca30", "PCA (30 PCs)", None)]
     if args.harmony:
         adata.obsm["X_harmony"], secs = base.run_harmony(adata, 0)
-        trained["X_harmony", None] = (secs, None)
+        trained["X_harmony"] = (secs, None)
         embeddings.append(("X_harmony", "Harmony (50 PCs)", None))
     embeddings += ([(f"X_nbvae_s{s}", "cellvi NB-VAE", s) for s in args.seeds]
                    + [(f"X_scvi_s{s}", "scVI", s) for s in args.scvi_seeds])
     rows = []
     for rep, name, seed in embeddings:
         row = dict(embedding=name, seed=seed, **score(adata, rep, labels, args.leiden_seeds))
-        key = rep if seed is None else rep.rsplit("_s", 1)[0]
-        row["train_s"], row["epochs"] = trained.get((key, seed), (None, None))
+        row["train_s"], row["epochs"] = trained.get(rep, (None, None))
         rows.append(row)
         log(f"{name} {seed}: " + ", ".join(f"{m} {row[m]:.3f}" for m in MEASURES))
     pca50, pca30 = rows[0], rows[1]
