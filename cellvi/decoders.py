@@ -2,24 +2,54 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Independent, Normal, StudentT
+from torch.distributions import Normal, StudentT
 
-from .distributions import NegativeBinomial, Poisson, ZeroInflatedNegativeBinomial
+from .distributions import (
+    CellLikelihood,
+    Factorized,
+    NegativeBinomial,
+    Poisson,
+    ZeroInflatedNegativeBinomial,
+)
 from .nn import MLP, CovariateEmbedding
 
-__all__ = ["CountDecoder", "ContinuousDecoder", "LIKELIHOODS", "CONTINUOUS_LIKELIHOODS", "DISPERSIONS"]
+__all__ = ["Decoder", "CountDecoder", "ContinuousDecoder", "LIKELIHOODS", "CONTINUOUS_LIKELIHOODS",
+           "DISPERSIONS"]
+
+
+class Decoder(nn.Module, ABC):
+    """The declared likelihood head ``p(x | z, s)``.
+
+    ``forward(z, covs, log_library)`` returns a :class:`cellvi.distributions.CellLikelihood`
+    (per-cell log-probabilities); ``z`` may carry sample dimensions in front (IWAE).
+    ``log_library`` is the ``(cells, 1)`` log library size, used by count decoders and
+    ignored by the others. ``init_batch_offsets`` starts the per-batch offsets at values
+    computed from the data.
+    """
+
+    @abstractmethod
+    def forward(self, z: torch.Tensor, covs: torch.Tensor | None = None,
+                log_library: torch.Tensor | None = None) -> CellLikelihood:
+        """``p(x | z, s)``."""
+
+    @torch.no_grad()
+    def init_batch_offsets(self, offsets) -> None:
+        """Start the per-batch output offsets (one array per covariate) at given values."""
+        for emb, values in zip(self.batch_offset.embeddings, offsets, strict=True):
+            emb.weight.copy_(torch.as_tensor(values, dtype=emb.weight.dtype))
 
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
 CONTINUOUS_LIKELIHOODS = ("normal", "studentt")
 
 
-class CountDecoder(nn.Module):
+class CountDecoder(Decoder):
     """Decoder for counts: ``log mu = log_softmax(f(z, s)) + log library``.
 
     The softmax output is the cell's expression *proportions* over genes; the observed
@@ -66,12 +96,6 @@ class CountDecoder(nn.Module):
             n_rows = n_cats_per_cov[0] if dispersion == "gene-batch" else 1
             self.log_theta = nn.Parameter(torch.randn(n_rows, n_genes) * 0.1 + 1.0)
 
-    @torch.no_grad()
-    def init_batch_offsets(self, log_ratios) -> None:
-        """Start the per-batch output offsets at given per-gene log-fold changes."""
-        for emb, values in zip(self.batch_offset.embeddings, log_ratios, strict=True):
-            emb.weight.copy_(torch.as_tensor(values, dtype=emb.weight.dtype))
-
     def proportions(self, z: torch.Tensor, covs: torch.Tensor | None = None) -> torch.Tensor:
         """Normalized expression (rows sum to one), the denoised expression profile."""
         return torch.softmax(self._logits(self.trunk(z, covs), covs), dim=-1)
@@ -85,8 +109,11 @@ class CountDecoder(nn.Module):
         return self.log_theta[0].exp()
 
     def forward(
-        self, z: torch.Tensor, covs: torch.Tensor | None, log_library: torch.Tensor
+        self, z: torch.Tensor, covs: torch.Tensor | None = None,
+        log_library: torch.Tensor | None = None,
     ) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson:
+        if log_library is None:
+            raise ValueError("a count decoder needs the cells' log library sizes (log_library)")
         h = self.trunk(z, covs)
         log_mu = torch.log_softmax(self._logits(h, covs), dim=-1) + log_library
         if self.likelihood == "poisson":
@@ -97,7 +124,7 @@ class CountDecoder(nn.Module):
         return NegativeBinomial(log_mu, theta)
 
 
-class ContinuousDecoder(nn.Module):
+class ContinuousDecoder(Decoder):
     """Decoder for continuous markers (cytometry): ``p(x | z, s) = N(μ_θ(z, s), diag σ_θ²(z, s))``
     or, for outlier-rich data, a Student-t with the same location and scale and one learned
     degrees-of-freedom per marker.
@@ -139,20 +166,15 @@ class ContinuousDecoder(nn.Module):
         if likelihood == "studentt":
             self.log_df = nn.Parameter(torch.full((n_features,), 1.5))  # df = 1 + exp(.) ~ 5.5
 
-    @torch.no_grad()
-    def init_batch_offsets(self, offsets) -> None:
-        """Start the per-batch mean offsets at given per-marker shifts."""
-        for emb, values in zip(self.batch_offset.embeddings, offsets, strict=True):
-            emb.weight.copy_(torch.as_tensor(values, dtype=emb.weight.dtype))
-
     def mean(self, z: torch.Tensor, covs: torch.Tensor | None = None) -> torch.Tensor:
         """Denoised marker values ``μ_θ(z, s)``."""
         return self.loc(self.trunk(z, covs)) + self.batch_offset(covs)
 
-    def forward(self, z: torch.Tensor, covs: torch.Tensor | None = None) -> Independent:
+    def forward(self, z: torch.Tensor, covs: torch.Tensor | None = None,
+                log_library: torch.Tensor | None = None) -> Factorized:
         h = self.trunk(z, covs)
         loc = self.loc(h) + self.batch_offset(covs)
         scale = F.softplus(self.raw_scale(h)) + self.min_scale
         if self.likelihood == "studentt":
-            return Independent(StudentT(1.0 + self.log_df.exp(), loc, scale), 1)
-        return Independent(Normal(loc, scale), 1)
+            return Factorized(StudentT(1.0 + self.log_df.exp(), loc, scale), 1)
+        return Factorized(Normal(loc, scale), 1)

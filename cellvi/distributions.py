@@ -14,12 +14,35 @@ in the tests.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution, Independent, constraints
 
-__all__ = ["NegativeBinomial", "ZeroInflatedNegativeBinomial", "Poisson", "sparse_lgamma_terms",
-           "nonzeros_of"]
+__all__ = ["CellLikelihood", "Factorized", "NegativeBinomial", "ZeroInflatedNegativeBinomial",
+           "Poisson", "sparse_lgamma_terms", "nonzeros_of"]
+
+
+class CellLikelihood(ABC):
+    """What every decoder's ``p(x | z, s)`` declares: the log-likelihood of each cell.
+
+    ``log_prob_cells(x, nonzero)`` returns one value per cell (summed over features);
+    ``nonzero = (rows, cols, values)`` of ``x``'s non-zero entries is a hint that a count
+    likelihood may use to skip work on the zeros, and that others ignore.
+    """
+
+    @abstractmethod
+    def log_prob_cells(self, value: torch.Tensor, nonzero=None) -> torch.Tensor:
+        """``log p(x | z)`` per cell, shape ``value.shape[:-1]``."""
+
+
+class Factorized(Independent, CellLikelihood):
+    """Independent features (e.g. ``Factorized(Normal(loc, scale), 1)``): the per-cell
+    log-likelihood is the log-density of the event, features summed."""
+
+    def log_prob_cells(self, value: torch.Tensor, nonzero=None) -> torch.Tensor:
+        return self.log_prob(value)
 
 
 def sparse_lgamma_terms(x: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
@@ -99,7 +122,7 @@ class _NBCore(torch.autograd.Function):
         return None, g_s if ctx.needs_input_grad[1] else None, grad_theta
 
 
-class _CountDistribution(Distribution):
+class _CountDistribution(Distribution, CellLikelihood):
     support = constraints.nonnegative_integer
     has_rsample = False
 

@@ -17,14 +17,20 @@ from dataclasses import dataclass
 import torch
 from torch.distributions import Distribution, kl_divergence
 
-__all__ = ["log_likelihood", "kl", "elbo", "iwae", "LinearWarmup", "Constant"]
+from .distributions import CellLikelihood
+
+__all__ = ["log_likelihood", "kl", "elbo", "iwae", "ELBO", "LinearWarmup", "Constant"]
 
 
 def log_likelihood(px: Distribution, x: torch.Tensor, nonzero=None) -> torch.Tensor:
-    """``log p(x|z)`` per cell: sums over features unless ``px`` already treats them as its
-    event (e.g. an ``Independent`` distribution). ``nonzero = (rows, cols, values)`` of ``x``
-    lets the count likelihoods spend their ``lgamma``s on the non-zeros only."""
-    if hasattr(px, "log_prob_cells"):
+    """``log p(x|z)`` per cell.
+
+    A :class:`cellvi.distributions.CellLikelihood` (what cellvi's decoders return) gives it
+    itself; ``nonzero = (rows, cols, values)`` of ``x`` lets the count likelihoods spend
+    their ``lgamma``s on the non-zeros only. Any other torch distribution is summed over
+    features unless it already treats them as its event (e.g. ``Independent``).
+    """
+    if isinstance(px, CellLikelihood):
         return px.log_prob_cells(x, nonzero)
     lp = px.log_prob(x)
     return lp if len(px.event_shape) else lp.sum(-1)
@@ -101,3 +107,32 @@ class Constant:
 
     def done(self, step: int) -> bool:
         return True
+
+
+@dataclass(frozen=True)
+class ELBO:
+    """The training objective: the per-cell ELBO ``log p(x|z) - β KL``, averaged over the
+    mini-batch, minus the prior's own log hyperprior spread over the ``n_obs`` cells.
+
+    Args:
+        beta: β schedule (``schedule(step) -> β`` with ``done(step)``); ``None`` lets the
+            training loop use its linear KL warm-up.
+        prior: a fixed prior used instead of the model's own, for training and validation
+            alike (the GMVAE's warm-up uses ``StandardNormal``); ``None``: the model's prior.
+    """
+
+    beta: Callable[[int], float] | None = None
+    prior: torch.nn.Module | None = None
+
+    def terms(self, module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p(x|z), KL)`` per cell, from one reparameterised sample."""
+        return module.elbo_terms(batch, prior=self.prior)
+
+    def loss(self, module, batch, beta: float, n_obs: int):
+        """``(loss, log p(x|z), KL)``: the scalar to minimise and its per-cell parts."""
+        log_px, kl_z = self.terms(module, batch)
+        loss = -(log_px - beta * kl_z).mean()
+        hyper = (self.prior or module.prior).log_hyperprior(n_obs)
+        if hyper is not None:
+            loss = loss - hyper / n_obs
+        return loss, log_px, kl_z

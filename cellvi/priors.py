@@ -1,5 +1,7 @@
 """Priors p(z) as modules that return :mod:`torch.distributions` objects.
 
+- :class:`Prior`: the declared interface (``forward() -> Distribution``, ``log_prob(z)``,
+  ``log_hyperprior(n_obs)`` for priors with a prior of their own on their parameters).
 - :class:`StandardNormal`: ``p(z) = N(0, I)``.
 - :class:`MixturePrior`: ``p(c) = Cat(π)``, ``p(z | c) = N(μ_c, diag σ_c²)``, with ``c`` summed
   out exactly (``log p(z) = logsumexp_c [log π_c + log N(z; μ_c, σ_c²)]``), responsibilities
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
@@ -16,10 +19,33 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, Normal, constraints
 
-__all__ = ["StandardNormal", "MixturePrior", "GaussianMixture"]
+__all__ = ["Prior", "StandardNormal", "MixturePrior", "GaussianMixture"]
 
 
-class StandardNormal(nn.Module):
+class Prior(nn.Module, ABC):
+    """The declared prior ``p(z)`` of a VAE.
+
+    ``forward()`` returns the distribution over ``z`` (event dimension 1);
+    :meth:`log_prob` evaluates it. :meth:`log_hyperprior` is the log prior density of the
+    prior's own learnable parameters (e.g. a Dirichlet on mixture weights), added once per
+    dataset of ``n_obs`` cells to the training objective; ``None`` when there is none.
+    """
+
+    n_latent: int
+
+    @abstractmethod
+    def forward(self) -> Distribution:
+        """``p(z)``."""
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p(z)``, one value per row of ``z``."""
+        return self().log_prob(z)
+
+    def log_hyperprior(self, n_obs: int) -> torch.Tensor | None:
+        return None
+
+
+class StandardNormal(Prior):
     """p(z) = N(0, I) in ``n_latent`` dimensions (buffers follow the module's device)."""
 
     def __init__(self, n_latent: int):
@@ -88,7 +114,7 @@ class GaussianMixture(Distribution):
             return self.loc[c] + self.scale[c] * torch.randn_like(self.loc[c])
 
 
-class MixturePrior(nn.Module):
+class MixturePrior(Prior):
     """Learnable Gaussian-mixture prior for clustering in the latent space.
 
     ``forward()`` returns a :class:`GaussianMixture`; :meth:`responsibilities` gives
@@ -143,6 +169,10 @@ class MixturePrior(nn.Module):
     def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
         """Cluster posterior ``p(c | z)``, shape ``(..., K)``; switched-off columns are 0."""
         return self().responsibilities(z)
+
+    def log_hyperprior(self, n_obs: int) -> torch.Tensor:
+        """The sparse Dirichlet on ``π`` (:meth:`log_prior_weights`)."""
+        return self.log_prior_weights(n_obs)
 
     def log_prior_weights(self, n_obs: int) -> torch.Tensor:
         """``log Dir(π; α)`` up to a constant, with ``α = 1 - sparsity * n_obs`` (0 if no

@@ -1,32 +1,48 @@
-"""Scanpy-style entry points: ``adata`` first, keyword-only settings, ``key_added``, ``copy``."""
+"""Scanpy-style entry points: ``adata`` first, keyword-only settings, ``key_added``, ``copy``.
+
+One ``key_added`` convention for every function: it is the **name** of the result, and the
+outputs are ``obsm["X_" + name]`` (the latent), ``uns[name]`` (settings and history) and, for
+clusterings, ``obs[name]``, ``obs[name + "_confidence"]`` and ``obsm[name + "_probs"]``.
+"""
 
 from __future__ import annotations
 
-import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
+import torch  # noqa: F401  (the device annotation)
 from anndata import AnnData
 
 from . import __version__
-from .data import check_writable
+from .clustering import group_medians
+from .data import check_writable, get_matrix, select_markers
 from .models import GMVAE, NBVAE
-from .train import train as _train
+from .models._base import TRAIN_KEYS
 
 __all__ = ["nbvae", "gmvae"]
 
 _MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm", "input_scale")
-_FIT_KWARGS = ("batch_size", "lr") + tuple(
-    p for p in inspect.signature(_train).parameters
-    if p not in {"module", "data", "max_epochs", "batch_size", "lr", "seed", "verbose", "desc"}
-)
-
+_FIT_KWARGS = tuple(k for k in TRAIN_KEYS if k != "max_epochs") + ("callbacks",)
 
 _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
                        "overcluster", "n_hidden", "n_layers", "dropout", "norm")
-_GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init")
+_GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init", "schedule")
+
+
+def _result_name(key_added: str, function: str) -> str:
+    """The result's name; an obsm-style ``"X_name"`` (nbvae's old convention) still works."""
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"key_added must be a non-empty string, got {key_added!r}")
+    if key_added.startswith("X_"):
+        name = key_added[2:]
+        warnings.warn(
+            f"{function}(key_added={key_added!r}): key_added is now the result's name and the "
+            f"latent goes to obsm['X_' + key_added]; pass key_added={name!r} (same keys)",
+            FutureWarning, stacklevel=3)
+        return name
+    return key_added
 
 
 def _split_kwargs(kwargs: dict[str, Any], model_keys=_MODEL_KWARGS,
@@ -80,7 +96,7 @@ def nbvae(
     max_epochs: int | None = None,
     seed: int = 0,
     device: str | torch.device = "auto",
-    key_added: str = "X_nbvae",
+    key_added: str = "nbvae",
     copy: bool = False,
     return_model: bool = False,
     verbose: bool = True,
@@ -101,7 +117,8 @@ def nbvae(
         seed: the result is reproducible for a given seed (on the CPU); the caller's global
             random state is not changed.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ...
-        key_added: obsm key of the latent; the uns key is ``key_added`` without ``"X_"``.
+        key_added: name of the result: the latent goes to ``obsm["X_" + key_added]``, the
+            settings to ``uns[key_added]`` (``"X_name"``, the old form, still works).
         copy: return a new AnnData instead of writing into ``adata``.
         return_model: also return the trained :class:`cellvi.models.NBVAE`.
         verbose: progress bar.
@@ -113,10 +130,12 @@ def nbvae(
         ``None`` (or the model, if ``return_model``) when ``copy=False``; otherwise the new
         AnnData (and the model). Writes:
 
-        - ``adata.obsm[key_added]``: ``float32`` cells x ``n_latent``, posterior means;
-        - ``adata.uns[key_added without "X_"]`` (``"nbvae"`` by default): ``settings``,
-          ``train_settings``, ``history`` (per-epoch ``train_elbo``, ``validation_elbo``,
-          ``beta``), ``cellvi_version``, ``seed``, ``obsm_key``.
+        - ``adata.obsm["X_" + key_added]`` (``"X_nbvae"``): ``float32`` cells x ``n_latent``,
+          posterior means;
+        - ``adata.uns[key_added]`` (``"nbvae"``): ``settings``, ``train_settings``,
+          ``history`` (per epoch: ``train_elbo``, ``reconstruction``, ``kl``,
+          ``validation_elbo``, ``validation_reconstruction``, ``validation_kl``, ``beta``),
+          ``cellvi_version``, ``seed``, ``obsm_key``.
 
         ``X``, layers and obs are never modified.
 
@@ -125,19 +144,19 @@ def nbvae(
         >>> sc.pp.neighbors(adata, use_rep="X_nbvae")
         >>> sc.tl.umap(adata)
     """
+    name = _result_name(key_added, "nbvae")
     check_writable(adata, copy)
     model_settings, fit_settings = _split_kwargs(model_kwargs)
     model = NBVAE(adata, layer=layer, batch_key=batch_key, n_latent=n_latent,
                   likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
-    latent = model.get_latent(adata)
+    out = model.transform(adata)
     if copy:
         adata = adata.copy()
-    adata.obsm[key_added] = latent
-    uns_key = key_added[2:] if key_added.startswith("X_") else key_added
-    adata.uns[uns_key] = _uns_safe(dict(
+    adata.obsm["X_" + name] = out.latent
+    adata.uns[name] = _uns_safe(dict(
         settings=model.settings, train_settings=model.train_settings, history=model.history,
-        cellvi_version=__version__, seed=seed, obsm_key=key_added,
+        cellvi_version=__version__, seed=seed, obsm_key="X_" + name,
     ))
     if copy:
         return (adata, model) if return_model else adata
@@ -179,7 +198,7 @@ def gmvae(
             epochs).
         seed: reproducible on the CPU for a given seed; the global random state is untouched.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ...
-        key_added: name of the outputs (see Returns).
+        key_added: name of the result (see Returns).
         copy: return a new AnnData instead of writing into ``adata``.
         return_model: also return the trained :class:`cellvi.models.GMVAE`.
         verbose: progress bar.
@@ -218,28 +237,26 @@ def gmvae(
     """
     import pandas as pd
 
+    name = _result_name(key_added, "gmvae")
     check_writable(adata, copy)
     model_settings, fit_settings = _split_kwargs(model_kwargs, _GMVAE_MODEL_KWARGS, _GMVAE_FIT_KWARGS)
     model = GMVAE(adata, layer=layer, batch_key=batch_key, n_components=n_components,
                   n_latent=n_latent, likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
-    data = model._prepare(adata)  # once, for the latent, the labels and the medians
-    on_device = model._device_data(data, model.device)
-    latent = model._encode_means(on_device, torch.arange(on_device.n_obs)).astype(np.float32)
-    labels, probs = model._labels(on_device)
+    out = model.transform(adata)
+    labels = out.labels
+    X = get_matrix(adata, layer)[:, select_markers(adata, model.var_names)]
+    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float32)
+    medians = pd.DataFrame(group_medians(X, labels.codes, len(labels.categories)),
+                           index=list(labels.categories), columns=model.var_names)
     if copy:
         adata = adata.copy()
-    adata.obs[key_added] = pd.Categorical(labels, categories=labels.categories)
-    adata.obs[key_added + "_confidence"] = probs.max(1).astype(np.float32)
-    adata.obsm["X_" + key_added] = latent
-    adata.obsm[key_added + "_probs"] = probs
-    medians = pd.DataFrame(
-        [np.median(data.X[labels.codes == c], axis=0) if (labels.codes == c).any()
-         else np.full(len(model.var_names), np.nan) for c in range(len(labels.categories))],
-        index=list(labels.categories), columns=model.var_names,
-    )
+    adata.obs[name] = pd.Categorical(labels, categories=labels.categories)
+    adata.obs[name + "_confidence"] = out.confidence
+    adata.obsm["X_" + name] = out.latent
+    adata.obsm[name + "_probs"] = out.probs
     params = model.cluster_parameters()
-    adata.uns[key_added] = _uns_safe(dict(
+    adata.uns[name] = _uns_safe(dict(
         settings=model.settings, train_settings=model.train_settings, history=model.history,
         cluster_weights=params["weights"], cluster_means=params["means"],
         cluster_sizes=np.bincount(labels.codes, minlength=len(labels.categories)),

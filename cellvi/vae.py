@@ -17,8 +17,11 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
+from .decoders import Decoder
 from .nn import SparseRows
-from .objectives import elbo, iwae, log_likelihood
+from .objectives import iwae, kl, log_likelihood
+from .posteriors import Encoder
+from .priors import MixturePrior, Prior
 
 __all__ = ["VAE", "MixtureVAE"]
 
@@ -28,18 +31,23 @@ class VAE(nn.Module):
     ``decoder``.
 
     Args:
-        encoder: module, ``encoder(x_in, covs) -> Distribution`` over z.
-        decoder: module, ``decoder(z, covs, *extra) -> Distribution`` over x.
-        prior: module, ``prior() -> Distribution`` over z.
+        encoder: an :class:`cellvi.posteriors.Encoder`, ``encoder(x_in, covs) -> q(z|x)``.
+        decoder: a :class:`cellvi.decoders.Decoder`, ``decoder(z, covs, log_library) -> p(x|z)``.
+        prior: a :class:`cellvi.priors.Prior`, ``prior() -> p(z)``.
         log1p_input: encode ``log1p(x)`` instead of ``x`` (count data).
         input_scale: if given, the encoder sees each cell scaled to this total,
             ``x / library * input_scale`` (then ``log1p``), as in ``normalize_total`` +
             ``log1p``; needs ``"log_library"`` in the batch. ``None``: the counts as they are.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module,
+    def __init__(self, encoder: Encoder, decoder: Decoder, prior: Prior,
                  log1p_input: bool = True, input_scale: float | None = None):
         super().__init__()
+        for name, value, kind in (("encoder", encoder, Encoder), ("decoder", decoder, Decoder),
+                                  ("prior", prior, Prior)):
+            if not isinstance(value, kind):
+                raise TypeError(f"{name} must be a cellvi.{kind.__module__.split('.')[-1]}."
+                                f"{kind.__name__}, got {type(value).__name__}")
         self.encoder = encoder
         self.decoder = decoder
         self.prior = prior
@@ -63,11 +71,10 @@ class VAE(nn.Module):
         return self.encoder(x, batch.get("covs"))
 
     def decode(self, z: torch.Tensor, batch: dict[str, torch.Tensor]) -> Distribution:
-        extra = (batch["log_library"],) if "log_library" in batch else ()
         covs = batch.get("covs")
         if covs is not None and z.dim() > covs.dim():  # sample dimensions in front (IWAE)
             covs = covs.expand(*z.shape[:-1], covs.shape[-1])
-        return self.decoder(z, covs, *extra)
+        return self.decoder(z, covs, batch.get("log_library"))
 
     def forward(self, batch: dict[str, torch.Tensor]):
         """Returns ``(qz, z, px)`` with one reparameterised sample ``z``."""
@@ -75,19 +82,24 @@ class VAE(nn.Module):
         z = qz.rsample()
         return qz, z, self.decode(z, batch)
 
-    def elbo(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
-        """Single-sample ELBO per cell."""
+    def elbo_terms(self, batch: dict[str, torch.Tensor],
+                   prior: Prior | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p(x|z), KL(q(z|x) || p(z)))`` per cell from one sample; ``prior`` replaces
+        the model's prior (the GMVAE's warm-up)."""
         qz, z, px = self(batch)
-        return elbo(log_likelihood(px, batch["x"], batch.get("x_nonzero")), qz, self.prior(), z, beta)
+        pz = (prior or self.prior)()
+        return log_likelihood(px, batch["x"], batch.get("x_nonzero")), kl(qz, pz, z)
+
+    def elbo(self, batch: dict[str, torch.Tensor], beta: float = 1.0,
+             prior: Prior | None = None) -> torch.Tensor:
+        """Single-sample ELBO per cell."""
+        log_px, kl_z = self.elbo_terms(batch, prior)
+        return log_px - beta * kl_z
 
     def iwae(self, batch: dict[str, torch.Tensor], n_samples: int = 16) -> torch.Tensor:
         """Importance-weighted bound per cell."""
         return iwae(batch["x"], self.encode(batch), self.prior(),
                     lambda z: self.decode(z, batch), n_samples)
-
-    def loss(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
-        """Mean negative ELBO over the mini-batch: what the training loop minimises."""
-        return -self.elbo(batch, beta).mean()
 
 
 class MixtureVAE(VAE):
@@ -95,17 +107,16 @@ class MixtureVAE(VAE):
 
     The ELBO is the VAE's, with ``log p(z)`` the mixture density (``c`` summed out exactly);
     the cluster posterior ``q(c | x)`` is the prior's responsibilities ``p(c | z)`` at the
-    encoded ``z``. The loss adds the sparse Dirichlet prior on ``π`` (if any), spread over
-    the ``n_obs`` training cells.
+    encoded ``z``. The training objective adds the prior's sparse Dirichlet on ``π``
+    (:meth:`cellvi.priors.MixturePrior.log_hyperprior`).
     """
 
-    n_obs: int = 1
+    prior: MixturePrior
 
-    def loss(self, batch: dict[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
-        loss = super().loss(batch, beta)
-        if hasattr(self.prior, "log_prior_weights"):
-            loss = loss - self.prior.log_prior_weights(self.n_obs) / self.n_obs
-        return loss
+    def __init__(self, encoder: Encoder, decoder: Decoder, prior: MixturePrior, **kwargs):
+        if not isinstance(prior, MixturePrior):
+            raise TypeError(f"MixtureVAE needs a cellvi.priors.MixturePrior, got {type(prior).__name__}")
+        super().__init__(encoder, decoder, prior, **kwargs)
 
     def responsibilities(self, batch: dict[str, torch.Tensor], mean: bool = True) -> torch.Tensor:
         """``q(c | x)``: responsibilities at the posterior mean (or at a sample) of ``z``."""

@@ -111,7 +111,7 @@ def test_input_scale_encodes_library_normalized_counts(small_adata, tmp_path):
     """input_scale: the encoder sees log1p(x / library * input_scale), on the sparse
     (non-zeros) path and on the dense one; the setting survives save/load."""
     from cellvi.data import prepare_counts
-    from cellvi.train import DeviceData
+    from cellvi.device import DeviceData
 
     m = NBVAE(small_adata, batch_key="batch", n_latent=3, input_scale=1e4).fit(max_epochs=2, verbose=False)
     assert m.settings["input_scale"] == 1e4
@@ -157,7 +157,7 @@ def test_bad_model_settings(small_adata):
 
 def test_iwae_bound_above_elbo(trained, sim_adata):
     from cellvi.data import prepare_counts
-    from cellvi.train import DeviceData
+    from cellvi.device import DeviceData
 
     d = prepare_counts(sim_adata[:200], batch_key="batch")
     batch = DeviceData.from_arrays(d.X, torch.device("cpu"), covs=d.covs,

@@ -83,9 +83,21 @@ def test_copy_true_leaves_input_untouched(small_adata):
 def test_in_place_only_adds_documented_keys(small_adata):
     snap = _snapshot(small_adata)
     ret = cellvi.tl.nbvae(small_adata, layer="counts", batch_key="batch", max_epochs=2,
-                          key_added="X_mine", verbose=False)
+                          key_added="mine", verbose=False)
     assert ret is None
     _assert_same(small_adata, snap, new_obsm={"X_mine"}, new_uns={"mine"})
+
+
+def test_old_obsm_style_key_added_still_works_with_a_warning(small_adata):
+    """key_added is the result's name for every tl function; nbvae's old "X_name" form
+    writes the same keys as before, with a FutureWarning that says what to pass."""
+    with pytest.warns(FutureWarning, match="key_added='mine'"):
+        cellvi.tl.nbvae(small_adata, layer="counts", max_epochs=1, key_added="X_mine",
+                        verbose=False)
+    assert "X_mine" in small_adata.obsm and "mine" in small_adata.uns
+    assert small_adata.uns["mine"]["obsm_key"] == "X_mine"
+    with pytest.raises(TypeError, match="key_added"):
+        cellvi.tl.nbvae(small_adata, layer="counts", max_epochs=1, key_added="", verbose=False)
 
 
 def test_return_model_combinations(small_adata):

@@ -2,40 +2,13 @@ import math
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 from torch import nn
 
-from cellvi.train import DeviceData, DeviceMatrix, TrainingDiverged, default_max_epochs, train
-
-
-def test_device_matrix_rows_match_dense():
-    rng = np.random.default_rng(0)
-    X = sp.random(200, 37, density=0.1, format="csr", random_state=0, dtype=np.float32)
-    X = X.tolil()
-    X[5] = 0  # an empty row
-    X = X.tocsr()
-    dm = DeviceMatrix(X, torch.device("cpu"))
-    assert dm.sparse
-    idx = torch.as_tensor(rng.permutation(200)[:64])
-    np.testing.assert_array_equal(dm.rows(idx).numpy(), X[idx.numpy()].toarray())
-    np.testing.assert_array_equal(dm.rows(torch.tensor([5])).numpy(), np.zeros((1, 37)))
-    dense = DeviceMatrix(X.toarray(), torch.device("cpu"))
-    assert not dense.sparse
-    np.testing.assert_array_equal(dense.rows(idx).numpy(), X[idx.numpy()].toarray())
-
-
-def test_device_data_batches_keep_rows_aligned():
-    X = np.arange(20, dtype=np.float32).reshape(10, 2)
-    data = DeviceData.from_arrays(X, torch.device("cpu"), covs=np.arange(10).reshape(-1, 1),
-                                  log_library=np.ones((10, 1)), absent=None)
-    assert set(data.obs) == {"covs", "log_library"}
-    assert data.obs["covs"].dtype == torch.long and data.obs["log_library"].dtype == torch.float32
-    b = data.batch(torch.tensor([3, 7]))
-    np.testing.assert_array_equal(b["x"][:, 0].numpy(), [6, 14])
-    np.testing.assert_array_equal(b["covs"][:, 0].numpy(), [3, 7])
-    chunks = list(data.iter_batches(torch.arange(10), 4))
-    assert [len(c["x"]) for c in chunks] == [4, 4, 2]
+from cellvi.device import DeviceData
+from cellvi.objectives import ELBO
+from cellvi.priors import StandardNormal
+from cellvi.train import TrainConfig, TrainingDiverged, default_max_epochs, evaluate, train
 
 
 def test_default_max_epochs_scales_with_data():
@@ -45,25 +18,38 @@ def test_default_max_epochs_scales_with_data():
 
 
 class _Toy(nn.Module):
-    """A tiny module with the loss/elbo interface; optionally returns NaN after some calls."""
+    """A tiny module with the VAE's ``elbo_terms`` (reconstruction -(x - w)², KL 0.1 w²)."""
 
-    def __init__(self, nan_after=None):
+    def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(3))
-        self.calls = 0
-        self.betas = []
-        self.nan_after = nan_after
+        self.prior = StandardNormal(3)
 
-    def elbo(self, batch, beta=1.0):
-        return -((batch["x"] - self.w) ** 2).sum(-1)
+    def elbo_terms(self, batch, prior=None):
+        log_px = -((batch["x"] - self.w) ** 2).sum(-1)
+        return log_px, 0.1 * (self.w**2).sum().expand(len(log_px))
 
-    def loss(self, batch, beta=1.0):
-        self.calls += 1
+
+class _Recording(ELBO):
+    """The ELBO, recording each step's β; the loss turns NaN after ``nan_after`` steps."""
+
+    def __init__(self, nan_after=None, **kwargs):
+        super().__init__(**kwargs)
+        object.__setattr__(self, "betas", [])
+        object.__setattr__(self, "nan_after", nan_after)
+
+    def loss(self, module, batch, beta, n_obs):
         self.betas.append(beta)
-        value = -self.elbo(batch, beta).mean()
-        if self.nan_after is not None and self.calls > self.nan_after:
-            value = value * math.nan
-        return value
+        loss, log_px, kl = super().loss(module, batch, beta, n_obs)
+        if self.nan_after is not None and len(self.betas) > self.nan_after:
+            loss = loss * math.nan
+        return loss, log_px, kl
+
+
+def _run(module=None, objective=None, callbacks=(), **config):
+    config.setdefault("verbose", False)
+    return train(module or _Toy(), _toy_data(), TrainConfig(**config), objective=objective,
+                 callbacks=callbacks)
 
 
 def _toy_data(n=200):
@@ -72,70 +58,115 @@ def _toy_data(n=200):
 
 
 def test_train_history_warmup_in_steps_and_fit():
-    module = _Toy()
-    hist = train(module, _toy_data(), max_epochs=30, batch_size=32, kl_warmup_steps=50, lr=0.05,
-                 early_stopping=False, verbose=False)
+    module, rec = _Toy(), _Recording()
+    hist = _run(module, rec, max_epochs=30, batch_size=32, kl_warmup_steps=50, lr=0.05,
+                early_stopping=False)
     assert hist["epoch"] == list(range(30))
     assert len(hist["train_elbo"]) == len(hist["validation_elbo"]) == 30
-    assert module.betas[0] == 0.0 and module.betas[-1] == 1.0
-    assert module.betas[25] == pytest.approx(0.5)  # counted in steps, not epochs
+    assert rec.betas[0] == 0.0 and rec.betas[-1] == 1.0
+    assert rec.betas[25] == pytest.approx(0.5)  # counted in steps, not epochs
     np.testing.assert_allclose(module.w.detach().numpy(), 2.0, atol=0.3)
 
 
-def test_kl_weight_is_the_end_of_the_warmup():
+def test_history_keeps_reconstruction_and_kl_apart():
     module = _Toy()
-    hist = train(module, _toy_data(), max_epochs=5, batch_size=32, kl_warmup_steps=20,
-                 kl_weight=0.5, early_stopping=False, verbose=False)
-    assert module.betas[0] == 0.0 and module.betas[10] == pytest.approx(0.25)
-    assert module.betas[-1] == 0.5 and hist["beta"][-1] == 0.5
+    hist = _run(module, max_epochs=4, batch_size=32, kl_warmup_steps=0, lr=0.05,
+                early_stopping=False)
+    for split in ("", "validation_"):
+        recon, kl = np.array(hist[split + "reconstruction"]), np.array(hist[split + "kl"])
+        assert len(recon) == len(kl) == 4 and (kl > 0).all() and (recon < 0).all()
+    # after the warm-up (β = 1) the validation ELBO is exactly its two parts
+    np.testing.assert_allclose(hist["validation_elbo"],
+                               np.array(hist["validation_reconstruction"]) - hist["validation_kl"],
+                               rtol=1e-6)
+    w2 = float((module.w.detach() ** 2).sum())
+    assert hist["validation_kl"][-1] == pytest.approx(0.1 * w2, rel=1e-5)
+
+
+def test_kl_weight_is_the_end_of_the_warmup():
+    rec = _Recording()
+    hist = _run(objective=rec, max_epochs=5, batch_size=32, kl_warmup_steps=20, kl_weight=0.5,
+                early_stopping=False)
+    assert rec.betas[0] == 0.0 and rec.betas[10] == pytest.approx(0.25)
+    assert rec.betas[-1] == 0.5 and hist["beta"][-1] == 0.5
     with pytest.raises(ValueError, match="kl_weight must be positive"):
-        train(_Toy(), _toy_data(), max_epochs=1, kl_weight=0.0, verbose=False)
+        TrainConfig(max_epochs=1, kl_weight=0.0)
+
+
+@pytest.mark.parametrize("field, value", [("max_epochs", 0), ("batch_size", 0), ("lr", -1.0),
+                                          ("validation_fraction", 1.0), ("max_epochs", 2.5)])
+def test_config_rejects_bad_settings_with_their_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_objective_schedule_replaces_the_warmup():
+    from cellvi.objectives import Constant
+
+    rec = _Recording(beta=Constant(0.25))
+    hist = _run(objective=rec, max_epochs=2, batch_size=32, kl_warmup_steps=100)
+    assert set(rec.betas) == {0.25} and hist["beta"] == [0.25, 0.25]
+
+
+def test_callbacks_run_in_order_each_epoch_before_validation():
+    calls = []
+    hist = _run(callbacks=[lambda e, h: calls.append(("a", e, len(h["epoch"]))),
+                           lambda e, h: calls.append(("b", e, len(h["epoch"])))],
+                max_epochs=2, batch_size=64)
+    assert calls == [("a", 0, 0), ("b", 0, 0), ("a", 1, 1), ("b", 1, 1)]
+    assert len(hist["epoch"]) == 2
+
+
+def test_callback_objects_see_each_stage_of_an_epoch():
+    from cellvi.train import Callback
+
+    class Stamps(Callback):
+        def __init__(self):
+            self.calls = []
+
+        def on_epoch_start(self, epoch):
+            self.calls.append(("start", epoch))
+
+        def on_epoch_end(self, epoch, history):
+            self.calls.append(("end", epoch, len(history["epoch"])))
+
+        def on_validation_end(self, epoch, history):
+            self.calls.append(("validated", epoch, len(history["epoch"])))
+
+    stamps = Stamps()
+    _run(callbacks=[stamps], max_epochs=2, batch_size=64)
+    assert stamps.calls == [("start", 0), ("end", 0, 0), ("validated", 0, 1),
+                            ("start", 1), ("end", 1, 1), ("validated", 1, 2)]
+    with pytest.raises(TypeError, match="callback"):
+        _run(callbacks=["not a callback"], max_epochs=1)
 
 
 def test_early_stopping_stops_and_restores_best():
     module = _Toy()
-    hist = train(module, _toy_data(), max_epochs=500, batch_size=32, lr=0.05, patience=5,
-                 kl_warmup_steps=0, verbose=False)
+    hist = _run(module, max_epochs=500, batch_size=32, lr=0.05, patience=5, kl_warmup_steps=0)
     assert len(hist["epoch"]) < 500
     best = max(hist["validation_elbo"])
-    from cellvi.train import evaluate
-
     val = evaluate(module, _toy_data(), torch.as_tensor(np.sort(np.random.default_rng(0).permutation(200)[:20])))
-    assert val == pytest.approx(best, rel=1e-5)
+    assert val["elbo"] == pytest.approx(best, rel=1e-5)
 
 
 def test_nan_guard_raises_clear_error():
     with pytest.raises(TrainingDiverged, match="learning rate"):
-        train(_Toy(nan_after=3), _toy_data(), max_epochs=5, batch_size=32, verbose=False)
+        _run(objective=_Recording(nan_after=3), max_epochs=5, batch_size=32)
 
 
 def test_train_is_seeded_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
     a, b = _Toy(), _Toy()
-    train(a, _toy_data(), max_epochs=3, batch_size=16, seed=4, verbose=False)
-    train(b, _toy_data(), max_epochs=3, batch_size=16, seed=4, verbose=False)
+    _run(a, max_epochs=3, batch_size=16, seed=4)
+    _run(b, max_epochs=3, batch_size=16, seed=4)
     torch.testing.assert_close(a.w, b.w)
     assert torch.equal(state, torch.random.get_rng_state())
 
 
 def test_tiny_data_without_validation():
     data = DeviceData.from_arrays(np.ones((10, 3), np.float32), torch.device("cpu"))
-    hist = train(_Toy(), data, max_epochs=2, verbose=False)
+    hist = train(_Toy(), data, TrainConfig(max_epochs=2, verbose=False))
     assert all(math.isnan(v) for v in hist["validation_elbo"])
 
 
-def test_batches_carry_the_nonzeros_on_cpu():
-    from cellvi.distributions import nonzeros_of
-
-    X = sp.random(50, 20, density=0.2, format="csr", random_state=1, dtype=np.float32)
-    X.data[:3] = 0  # explicitly stored zeros are not non-zeros
-    data = DeviceData.from_arrays(X, torch.device("cpu"))
-    assert data.nonzeros
-    b = data.batch(torch.tensor([4, 1, 30, 7]))
-    expected = nonzeros_of(b["x"])
-    for got, want in zip(b["x_nonzero"], expected, strict=True):
-        torch.testing.assert_close(got, want)
-    dense = DeviceData.from_arrays(X.toarray(), torch.device("cpu"))
-    bd = dense.batch(torch.tensor([4, 1, 30, 7]))
-    for got, want in zip(bd["x_nonzero"], expected, strict=True):
-        torch.testing.assert_close(got, want)

@@ -1,0 +1,249 @@
+"""What every cellvi model shares: the AnnData edge, ``fit`` orchestration, latents and safe
+persistence.
+
+A model is made from an AnnData (its constructor validates the data and turns it into
+arrays once); ``fit`` trains on those arrays and then releases them; ``transform`` and
+``get_latent`` read any AnnData with the same features. ``__init__`` and :meth:`Model.load`
+both set the model's state through one method, :meth:`Model._setup`, so nothing a
+constructor sets can be missing after a load.
+
+Persistence is safe by construction: weights go to ``model.safetensors`` and everything else
+(settings, feature names, batch categories, version, history) to ``config.json``. Nothing is
+pickled; loading cannot run code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import numbers
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from .. import __version__
+from .._settings import resolve_device, seeded
+from ..data import as_batch_keys, check_var_names, encode_covariates
+from ..device import DeviceData
+from ..train import TrainConfig
+from ..vae import VAE
+
+__all__ = ["Model", "check_seed", "positive_int"]
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+#: fields of ``config.json`` every saved model has
+_REQUIRED = ("model", "settings", "var_names", "categories", "history")
+#: the keyword arguments of ``fit`` that go to :class:`cellvi.train.TrainConfig`
+TRAIN_KEYS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("seed", "verbose", "desc"))
+
+
+def check_seed(seed) -> int:
+    """``seed`` as a non-negative int, or a clear error."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TypeError(f"seed must be a non-negative integer (e.g. seed=0), got {seed!r}")
+    return int(seed)
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as a positive int, or a clear error naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class Model(ABC):
+    """The shared base of :class:`cellvi.models.NBVAE` and :class:`cellvi.models.GMVAE`.
+
+    Subclasses define :meth:`_build` (the :class:`cellvi.vae.VAE` module for their settings),
+    :meth:`_prepare` (AnnData -> validated arrays, for a trained model's features),
+    :meth:`_to_device` (arrays -> :class:`cellvi.device.DeviceData`), ``fit`` and
+    ``transform``.
+    """
+
+    #: keys of ``config.json`` beyond the common ones, restored as attributes by :meth:`load`
+    _extra_state: tuple[str, ...] = ()
+    #: defaults of extra state that older versions did not save
+    _state_defaults: dict[str, Any] = {}
+
+    def _setup(self, settings: dict[str, Any], var_names: list[str],
+               categories: dict[str, list[str]], data=None, **state: Any) -> None:
+        """Set every attribute of the model: called by ``__init__`` and by :meth:`load`."""
+        self.settings = settings
+        self.var_names = list(var_names)
+        self.categories = categories
+        self.history: dict[str, list] = state.pop("history", {})
+        self.train_settings: dict[str, Any] = state.pop("train_settings", {})
+        for key in self._extra_state:
+            if key in state:
+                setattr(self, key, state[key])
+            elif key in self._state_defaults:
+                setattr(self, key, copy.deepcopy(self._state_defaults[key]))
+            else:
+                raise ValueError(f"the saved model lacks {key!r}; it was not written by cellvi's save()")
+        self.device = torch.device("cpu")
+        self._data = data
+        self.module = self._build()
+
+    # -- what a model defines -------------------------------------------------------------
+    @abstractmethod
+    def _build(self, seed: int = 0) -> VAE:
+        """The tensor-level module for ``self.settings`` (weights seeded by ``seed``)."""
+
+    @abstractmethod
+    def _prepare(self, adata: AnnData):
+        """Arrays of ``adata`` for this model's features and batch categories."""
+
+    @abstractmethod
+    def _to_device(self, arrays, device: torch.device) -> DeviceData:
+        """The arrays of :meth:`_prepare` as device-resident tensors."""
+
+    @abstractmethod
+    def transform(self, adata: AnnData):
+        """The model's outputs for the cells of ``adata``."""
+
+    def _check_features(self, adata: AnnData) -> None:
+        check_var_names(adata, self.var_names)
+
+    # -- state --------------------------------------------------------------------------
+    @property
+    def is_trained(self) -> bool:
+        return bool(self.history)
+
+    def _require_trained(self) -> None:
+        if not self.is_trained:
+            raise RuntimeError("the model is not trained yet; call model.fit() first")
+
+    def _require_data(self):
+        if self._data is None:
+            raise RuntimeError(
+                "this model holds no training data (it was loaded from disk, or fit() already "
+                "ran and released it); create a new model from an AnnData to train again"
+            )
+        return self._data
+
+    def _state(self) -> str:
+        return f"trained {len(self.history.get('epoch', []))} epochs" if self.is_trained else "untrained"
+
+    # -- fit orchestration --------------------------------------------------------------
+    def _start_fit(self, seed, device) -> tuple[Any, DeviceData, int]:
+        """Check the seed, build a fresh module on the device: ``(arrays, device data, seed)``."""
+        arrays = self._require_data()
+        seed = check_seed(seed)
+        dev = resolve_device(device)
+        self.device = dev
+        self.module = self._build(seed).to(dev)
+        return arrays, self._to_device(arrays, dev), seed
+
+    def _train_config(self, *, seed: int, verbose: bool, **kwargs: Any) -> TrainConfig:
+        unknown = sorted(set(kwargs) - set(TRAIN_KEYS))
+        if unknown:
+            raise TypeError(f"unknown training setting(s) {unknown}; the settings are "
+                            f"{list(TRAIN_KEYS)}")
+        return TrainConfig(seed=seed, verbose=verbose, desc=type(self).__name__, **kwargs)
+
+    def _finish_fit(self, **train_settings: Any) -> None:
+        self.train_settings = dict(train_settings, epochs_trained=len(self.history["epoch"]))
+        self._data = None  # the arrays are not needed any more
+
+    # -- inference ----------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, data: DeviceData, idx: torch.Tensor | None = None, *,
+                batch_size: int = 4096, mean: bool = True, seed: int = 0,
+                with_var: bool = False):
+        """Posterior means (or one sample) of ``q(z|x)`` for the cells ``idx`` (default all),
+        and with ``with_var`` the posterior variances."""
+        self.module.eval()
+        idx = torch.arange(data.n_obs) if idx is None else idx
+        means, variances = [], []
+        with seeded(seed, self.device):
+            for batch in data.iter_batches(idx, batch_size):
+                qz = self.module.encode(batch)
+                means.append((qz.mean if mean else qz.sample()).cpu())
+                if with_var:
+                    variances.append(qz.variance.cpu())
+        z = torch.cat(means).numpy().astype(np.float32)
+        return (z, torch.cat(variances).numpy()) if with_var else z
+
+    def get_latent(self, adata: AnnData, *, mean: bool = True, seed: int = 0,
+                   batch_size: int = 4096) -> np.ndarray:
+        """Latent representation of the cells of ``adata``.
+
+        Args:
+            mean: posterior means (default) or one sample from q(z|x).
+            seed: seed of the sample when ``mean=False``.
+            batch_size: cells per forward pass.
+
+        Returns:
+            ``float32`` array, cells x ``n_latent``.
+        """
+        self._require_trained()
+        data = self._to_device(self._prepare(adata), self.device)
+        return self._encode(data, batch_size=batch_size, mean=mean, seed=check_seed(seed))
+
+    # -- persistence --------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Save weights (safetensors) and settings/features/categories (JSON) to folder ``path``."""
+        from safetensors.torch import save_file
+
+        self._require_trained()
+        path = Path(path)
+        if (path / WEIGHTS).exists() and not overwrite:
+            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(state, str(path / WEIGHTS))
+        config = dict(model=type(self).__name__, cellvi_version=__version__, settings=self.settings,
+                      train_settings=self.train_settings, var_names=self.var_names,
+                      categories=self.categories, history=self.history,
+                      **{k: getattr(self, k) for k in self._extra_state})
+        (path / CONFIG).write_text(json.dumps(config, indent=1, default=_json_default))
+
+    @classmethod
+    def load(cls, path: str | Path, adata: AnnData | None = None, *,
+             device: str | torch.device = "auto"):
+        """Load a model saved with :meth:`save`.
+
+        Args:
+            adata: if given, checked against the model's features and batch categories
+                (a clear error says which differ).
+            device: where the module goes (``"auto"``: CUDA, then MPS, then CPU).
+        """
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
+            raise FileNotFoundError(f"{path} does not hold a saved cellvi model ({CONFIG}, {WEIGHTS})")
+        try:
+            config = json.loads((path / CONFIG).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path / CONFIG} is not valid JSON ({err}); the folder is damaged") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path / CONFIG} does not hold a cellvi model's settings")
+        missing = [k for k in _REQUIRED if k not in config]
+        if missing:
+            raise ValueError(f"{path / CONFIG} lacks {missing}; it was not written by cellvi's save()")
+        if config["model"] != cls.__name__:
+            raise ValueError(f"{path} holds a {config['model']} model, not {cls.__name__}")
+        self = cls.__new__(cls)
+        extra = {k: config[k] for k in (*cls._extra_state, "history", "train_settings") if k in config}
+        self._setup(config["settings"], config["var_names"], config["categories"], **extra)
+        self.device = resolve_device(device)
+        self.module.load_state_dict(load_file(str(path / WEIGHTS)))
+        self.module.to(self.device).eval()
+        if adata is not None:
+            self._check_features(adata)
+            encode_covariates(adata, as_batch_keys(self.settings["batch_keys"]), self.categories)
+        return self
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

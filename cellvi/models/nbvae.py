@@ -1,0 +1,238 @@
+"""The negative-binomial VAE for scRNA-seq counts (:class:`NBVAE`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from .._settings import seeded
+from ..data import CountData, check_var_names, prepare_counts
+from ..decoders import CountDecoder
+from ..device import DeviceData
+from ..posteriors import GaussianEncoder
+from ..priors import StandardNormal
+from ..train import train
+from ..vae import VAE
+from ._base import Model, positive_int
+
+__all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios"]
+
+
+def batch_log_ratios(data: CountData, pseudo: float = 1e-6) -> list[np.ndarray]:
+    """Per batch category, ``log`` of its mean expression proportions over the pooled ones.
+
+    Returns one ``(n_categories, n_genes)`` array per batch key (divided by the number of keys),
+    used to start the decoder's batch offsets where the data put them.
+    """
+    X = data.X
+    lib = np.exp(data.log_library[:, 0].astype(np.float64))
+    props = sp.diags(1.0 / lib) @ X if sp.issparse(X) else X / lib[:, None]
+    pooled = np.log(np.asarray(props.mean(0)).ravel() + pseudo)
+    out = []
+    for j, key in enumerate(data.batch_keys):
+        n_cat = len(data.categories[key])
+        onehot = sp.csr_matrix((np.ones(len(lib)), (data.covs[:, j], np.arange(len(lib)))),
+                               shape=(n_cat, len(lib)))
+        means = np.asarray((onehot @ props).todense() if sp.issparse(props) else onehot @ props)
+        means /= np.asarray(onehot.sum(1))
+        out.append(((np.log(means + pseudo) - pooled) / len(data.batch_keys)).astype(np.float32))
+    return out
+
+
+class NBVAEOutput:
+    """What :meth:`NBVAE.transform` gives: ``latent``, the ``float32`` cells x ``n_latent``
+    posterior means."""
+
+    def __init__(self, latent: np.ndarray):
+        self.latent = latent
+
+
+class NBVAE(Model):
+    """Negative-binomial VAE for scRNA-seq counts, with batch correction.
+
+    ``q(z | x, s)`` is a diagonal Gaussian from an MLP on ``log1p(x)`` and the batch ``s``;
+    ``p(z) = N(0, I)``; ``p(x | z, s)`` is NB (or ZINB / Poisson) with mean
+    ``library * softmax(f(z, s))``. The latent ``z`` is the batch-corrected representation.
+
+    Args:
+        adata: AnnData with raw counts in ``X`` or ``layer``.
+        layer: layer with the raw counts (``None``: ``adata.X``).
+        batch_key: obs key (or list of keys) of categorical batch covariates.
+        n_latent: latent dimension.
+        likelihood: ``"nb"``, ``"zinb"`` or ``"poisson"``.
+        dispersion: ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"``.
+        n_hidden, n_layers, dropout, norm: network settings.
+        input_scale: what the encoder sees. ``None`` (default): ``log1p`` of the counts as
+            they are. A number: each cell scaled to that total first,
+            ``log1p(x / library * input_scale)``, as ``normalize_total`` + ``log1p`` does;
+            ``"median"``: to the median library size of the training cells (stored as a
+            number). The decoder always gets the observed library size. The default keeps
+            the integration scores (``docs/design.md``, NB-VAE defaults).
+
+    Example:
+        >>> model = cellvi.models.NBVAE(adata, layer="counts", batch_key="donor")
+        >>> model.fit()
+        >>> adata.obsm["X_nbvae"] = model.transform(adata).latent
+    """
+
+    def __init__(
+        self,
+        adata: AnnData,
+        *,
+        layer: str | None = None,
+        batch_key: str | Sequence[str] | None = None,
+        n_latent: int = 10,
+        likelihood: str = "nb",
+        dispersion: str = "gene",
+        n_hidden: int = 128,
+        n_layers: int = 1,
+        dropout: float = 0.1,
+        norm: str | None = "batch",
+        input_scale: float | str | None = None,
+    ):
+        n_latent, n_hidden = positive_int("n_latent", n_latent), positive_int("n_hidden", n_hidden)
+        n_layers = positive_int("n_layers", n_layers)
+        data = prepare_counts(adata, layer, batch_key)
+        if isinstance(input_scale, str) and input_scale == "median":
+            input_scale = float(np.median(np.exp(data.log_library.astype(np.float64))))
+        if input_scale is not None and (isinstance(input_scale, str) or not input_scale > 0):
+            raise ValueError(f"input_scale must be a positive number, 'median' or None, "
+                             f"got {input_scale!r}")
+        settings: dict[str, Any] = dict(
+            layer=layer, batch_keys=data.batch_keys, n_latent=n_latent, likelihood=likelihood,
+            dispersion=dispersion, n_hidden=n_hidden, n_layers=n_layers,
+            dropout=float(dropout), norm=norm,
+            input_scale=None if input_scale is None else float(input_scale),
+        )
+        self._setup(settings, data.var_names, data.categories, data)
+
+    # -- construction -------------------------------------------------------------------
+    def _build(self, seed: int = 0) -> VAE:
+        s = self.settings
+        n_cats = [len(self.categories[k]) for k in s["batch_keys"]]
+        with seeded(seed):
+            encoder = GaussianEncoder(len(self.var_names), s["n_latent"], n_hidden=s["n_hidden"],
+                                      n_layers=s["n_layers"], n_cats_per_cov=n_cats,
+                                      dropout=s["dropout"], norm=s["norm"])
+            decoder = CountDecoder(s["n_latent"], len(self.var_names), likelihood=s["likelihood"],
+                                   dispersion=s["dispersion"], n_hidden=s["n_hidden"],
+                                   n_layers=s["n_layers"], n_cats_per_cov=n_cats, norm=s["norm"])
+            if self._data is not None and n_cats:
+                decoder.init_batch_offsets(batch_log_ratios(self._data))
+            return VAE(encoder, decoder, StandardNormal(s["n_latent"]), log1p_input=True,
+                       input_scale=s.get("input_scale"))
+
+    def _to_device(self, d: CountData, device: torch.device) -> DeviceData:
+        return DeviceData.from_arrays(d.X, device, covs=d.covs, log_library=d.log_library)
+
+    def _prepare(self, adata: AnnData) -> CountData:
+        check_var_names(adata, self.var_names)
+        return prepare_counts(adata, self.settings["layer"], self.settings["batch_keys"] or None,
+                              categories=self.categories, check=False)
+
+    # -- training -----------------------------------------------------------------------
+    def fit(
+        self,
+        *,
+        max_epochs: int | None = None,
+        batch_size: int = 512,
+        lr: float = 1e-3,
+        kl_weight: float = 1.0,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        verbose: bool = True,
+        callbacks: Sequence = (),
+        **train_kwargs: Any,
+    ) -> NBVAE:
+        """Train on the AnnData given at construction.
+
+        Args:
+            max_epochs: ``None`` picks about 6,000 steps (10..400 epochs); early stopping on a
+                10% validation split usually ends sooner.
+            batch_size: cells per mini-batch.
+            lr: Adam learning rate.
+            kl_weight: weight β of the KL term after the KL warm-up (1, the default, gives
+                the ELBO; ``docs/design.md`` has the measured alternatives).
+            seed: makes the weights, split and training reproducible on the CPU.
+            device: ``"auto"`` (CUDA, then MPS, then CPU), or a torch device.
+            verbose: progress bar.
+            callbacks: ``callback(epoch, history)`` functions called after each epoch.
+            **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
+                (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
+        """
+        _, data, seed = self._start_fit(seed, device)
+        config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
+                                    batch_size=batch_size, lr=lr, kl_weight=kl_weight,
+                                    **train_kwargs)
+        self.history = train(self.module, data, config, callbacks=callbacks)
+        self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
+                         kl_weight=kl_weight, seed=seed, device=str(self.device), **train_kwargs)
+        return self
+
+    # -- inference ----------------------------------------------------------------------
+    def transform(self, adata: AnnData, *, batch_size: int = 4096) -> NBVAEOutput:
+        """The batch-corrected latent (posterior means) of the cells of ``adata``."""
+        return NBVAEOutput(self.get_latent(adata, batch_size=batch_size))
+
+    @torch.no_grad()
+    def get_normalized_expression(
+        self,
+        adata: AnnData,
+        *,
+        library_size: float = 1e4,
+        transform_batch: str | dict[str, str] | None = None,
+        batch_size: int = 4096,
+    ) -> np.ndarray:
+        """Denoised expression: decoder means at the posterior mean, scaled to ``library_size``.
+
+        Args:
+            library_size: counts per cell of the output (``1e4`` is CP10k).
+            transform_batch: decode every cell as if it came from this batch category
+                (of the first batch key, or ``{key: category}``) -- batch-corrected
+                expression. ``None`` keeps each cell's own batch.
+
+        Returns:
+            ``float32`` array, cells x genes.
+        """
+        self._require_trained()
+        self.module.eval()
+        target = self._transform_codes(transform_batch)
+        data = self._to_device(self._prepare(adata), self.device)
+        out = []
+        for batch in data.iter_batches(torch.arange(data.n_obs), batch_size):
+            z = self.module.encode(batch).mean
+            covs = batch.get("covs")
+            if target is not None:
+                covs = covs.clone()
+                for j, code in target.items():
+                    covs[:, j] = code
+            out.append((self.module.decoder.proportions(z, covs) * library_size).cpu())
+        return torch.cat(out).numpy().astype(np.float32)
+
+    def _transform_codes(self, transform_batch) -> dict[int, int] | None:
+        if transform_batch is None:
+            return None
+        keys = self.settings["batch_keys"]
+        if not keys:
+            raise ValueError("transform_batch needs a model trained with batch_key")
+        if not isinstance(transform_batch, dict):
+            transform_batch = {keys[0]: transform_batch}
+        codes = {}
+        for key, cat in transform_batch.items():
+            if key not in keys:
+                raise KeyError(f"{key!r} is not one of the model's batch keys {keys}")
+            cats = self.categories[key]
+            if str(cat) not in cats:
+                raise ValueError(f"transform_batch: {cat!r} is not a category of {key!r} ({cats})")
+            codes[keys.index(key)] = cats.index(str(cat))
+        return codes
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (f"NBVAE({len(self.var_names)} genes, n_latent={s['n_latent']}, "
+                f"likelihood={s['likelihood']!r}, batch_keys={s['batch_keys']}, {self._state()})")
