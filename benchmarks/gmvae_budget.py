@@ -5,7 +5,8 @@ wall-clock. A training step is bound by its matrix products (a 2 x 128 encoder a
 about 5 ms per step of 512 cells single-threaded), so speed can only come from fewer or
 cheaper steps: a narrower network, larger batches, a shorter schedule, a cheaper GMM
 initialisation. This script fits ``cellvi.tl.gmvae`` under named budgets (``CONFIGS``:
-keyword arguments plus overrides of the schedule constants in :mod:`cellvi.models`) and
+keyword arguments plus fields of the phases' budgets, passed as
+``schedule=cellvi.models.GMVAESchedule(...)``; the other fields keep their defaults) and
 scores each fit like ``benchmarks/cytometry.py`` (mean F1 after Hungarian matching, ARI,
 clusters, seconds), on
 
@@ -47,23 +48,24 @@ _FAST_NET = dict(n_hidden=64, lr=0.002, n_init=1)
 
 
 def _schedule(init_cells: int, warmup_steps: int, mixture_steps: int, min_epochs: int) -> dict:
-    """Overrides of the schedule constants of cellvi.models (warm-up 2-60 epochs, fine-tunes
-    of at least 2 epochs in every cheaper budget)."""
-    return dict(INIT_CELLS=init_cells, WARMUP_STEPS=warmup_steps, WARMUP_EPOCHS=(2, 60),
-                MIXTURE_STEPS=mixture_steps, MIXTURE_EPOCHS=(min_epochs, 300), TUNE_MIN_EPOCHS=2)
+    """Fields of ``cellvi.models.GMVAESchedule`` (warm-up 2-60 epochs, fine-tunes of at least
+    2 epochs in every cheaper budget)."""
+    return dict(init_cells=init_cells, warmup_steps=warmup_steps, warmup_epochs=(2, 60),
+                mixture_steps=mixture_steps, mixture_epochs=(min_epochs, 300), tune_min_epochs=2)
 
 
-#: name -> (keyword arguments of cellvi.tl.gmvae, overrides of cellvi.models constants)
+#: name -> (keyword arguments of cellvi.tl.gmvae, fields of cellvi.models.GMVAESchedule that
+#: differ from its defaults; ``fit_one`` passes ``schedule=GMVAESchedule(**fields)``)
 CONFIGS: dict[str, tuple[dict, dict]] = {
     "default": ({}, {}),
     "L1": (dict(n_layers=1), {}),  # the default budget with one hidden layer per network
     # the default training with cheaper set-up: one GMM restart (N1), and a 5,000-cell probe
     # for the per-epoch π update and the merges (N1P5)
     "N1": (dict(n_init=1), {}),
-    "N1P5": (dict(n_init=1), dict(PROBE_CELLS=5000)),
+    "N1P5": (dict(n_init=1), dict(probe_cells=5000)),
     # the default network and steps with fewer epochs at least (binds on large files only:
     # Spectre, 60,000 events, ran 25 mixture epochs for 1,000 steps)
-    "E10": ({}, dict(WARMUP_EPOCHS=(2, 60), MIXTURE_EPOCHS=(10, 300))),
+    "E10": ({}, dict(warmup_epochs=(2, 60), mixture_epochs=(10, 300))),
     "B": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 150, 400, 5)),
     "C": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 200, 700, 5)),
     "D": (dict(_FAST_NET, n_hidden=128, batch_size=1024), _schedule(10000, 200, 700, 5)),
@@ -78,12 +80,8 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
 
 
 def fit_one(cellvi, config: str, task: str, seed: int, cache: dict) -> dict:
-    import cellvi.models as M
-
-    kwargs, consts = CONFIGS[config]
-    saved = {k: getattr(M, k) for k in consts}
-    for k, v in consts.items():
-        setattr(M, k, v)
+    kwargs, fields = CONFIGS[config]
+    schedule = cellvi.models.GMVAESchedule(**fields)
     inp, setting = (task[:-1], "K") if task.endswith("K") else (task, "default")
     model_seed = seed
     if inp == "sim":
@@ -96,15 +94,12 @@ def fit_one(cellvi, config: str, task: str, seed: int, cache: dict) -> dict:
             cache[inp] = cy.load_input(inp)
         d = cache[inp]
         a = cy.make_adata(d)
-    try:
-        t0 = time.perf_counter()
-        res = cellvi.tl.gmvae(a, copy=True, verbose=False, seed=model_seed,
-                              batch_key="batch" if d.get("batch") is not None else None,
-                              n_components=d["K"] if setting == "K" else None, **kwargs)
-        secs = time.perf_counter() - t0
-    finally:
-        for k, v in saved.items():
-            setattr(M, k, v)
+    t0 = time.perf_counter()
+    res = cellvi.tl.gmvae(a, copy=True, verbose=False, seed=model_seed,
+                          batch_key="batch" if d.get("batch") is not None else None,
+                          n_components=d["K"] if setting == "K" else None, schedule=schedule,
+                          **kwargs)
+    secs = time.perf_counter() - t0
     scores = cy.score(d, res.obs["gmvae"].astype(str).to_numpy())
     return dict(config=config, task=task, seed=seed, n_clusters=scores["n_clusters"],
                 f1=round(float(scores["f1"]), 4), ari=round(float(scores["ari"]), 4),

@@ -9,8 +9,11 @@ pull in scanpy, pyro or umap:
 - :mod:`cellvi.models` -- model classes (``cellvi.models.NBVAE``, ``cellvi.models.GMVAE``)
 - :mod:`cellvi.datasets` -- data registry and simulators
 - :mod:`cellvi.metrics` -- clustering and batch-mixing metrics
-- :mod:`cellvi.distributions`, :mod:`cellvi.nn`, :mod:`cellvi.priors`,
-  :mod:`cellvi.objectives`, :mod:`cellvi.train` -- the tensor-level VAE core
+- :mod:`cellvi.clustering` -- torch-free merging of mixture components, bimodality veto
+- :mod:`cellvi.data`, :mod:`cellvi.device` -- AnnData -> validated arrays -> device tensors
+- :mod:`cellvi.distributions`, :mod:`cellvi.nn`, :mod:`cellvi.posteriors`,
+  :mod:`cellvi.priors`, :mod:`cellvi.decoders`, :mod:`cellvi.vae`, :mod:`cellvi.objectives`,
+  :mod:`cellvi.train` -- the tensor-level VAE core
 """
 
 from __future__ import annotations
@@ -21,19 +24,24 @@ import logging
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "clustering",
     "data",
     "datasets",
+    "decoders",
+    "device",
     "distributions",
     "io",
     "metrics",
     "models",
     "nn",
     "objectives",
+    "posteriors",
     "pp",
     "priors",
     "settings",
     "tl",
     "train",
+    "vae",
 )
 
 logging.getLogger("cellvi").addHandler(logging.NullHandler())

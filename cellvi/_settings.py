@@ -1,4 +1,4 @@
-"""Global settings: device resolution, default seed and logging verbosity."""
+"""Global settings: device resolution and logging verbosity; seeded blocks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 logger = logging.getLogger("cellvi")
@@ -18,7 +17,6 @@ class _Settings:
     """Package-wide defaults. Change them through ``cellvi.settings``."""
 
     device: str = "auto"
-    seed: int = 0
 
     @property
     def verbosity(self) -> int:
@@ -75,7 +73,3 @@ def seeded(seed: int | None, device: torch.device | None = None) -> Iterator[Non
             torch.manual_seed(seed)
         yield
 
-
-def rng(seed: int | None) -> np.random.Generator:
-    """A local NumPy generator (never the global one)."""
-    return np.random.default_rng(seed)

@@ -34,28 +34,18 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
     Gaussians. Pairs are merged, best first, while ``Δ_ij / min(N_i, N_j)`` (nats per cell of
     the smaller one) exceeds ``threshold``.
 
-    With ``n_groups``, merging goes on until exactly that many groups are left. Once no pair
-    scores above ``threshold`` (the groups left are distinct populations), each further
-    merge folds the **smallest** group into the group it shares the most cells with: the
-    entropy score no longer tells populations apart there, and this choice moves the fewest
-    cells. Without it a tiny isolated group (which shares no cells, so never scores) would
-    keep a cluster while two real populations were joined (flowsom_68983 with K = 6,
-    5 seeds: mean F1 0.843 vs 0.775; benchmarks/cytometry.py).
+    With ``n_groups``, merging goes on until exactly that many groups are left: once no pair
+    scores above ``threshold``, each further merge folds the **smallest** group into the
+    group it shares the most cells with (the entropy score no longer tells populations apart
+    there, and this moves the fewest cells; a tiny isolated group would otherwise keep a
+    cluster while two real populations were joined).
 
     With ``features`` (the cells' marker values), a merge by entanglement is **vetoed** when
-    the two groups are two modes in marker space (:func:`bimodality`: along the direction that
-    best separates them, a valley between two well separated peaks); the next best pair is
+    the two groups are two modes in marker space (:func:`bimodality`); the next best pair is
     tried instead. Entanglement is measured in the latent, where a small population can sit
-    inside a larger one's component; the markers have the last word. On Spectre, seeds 3, 6,
-    8 and 17, the merges that joined CD4 with CD8a T cells and NK cells, and non-classical with
-    mature monocytes, were vetoed; the merges of fragments of one population on the
-    simulator and on flowsom_68983 were not (tuning runs, see :data:`BIMODAL_SEPARATION`).
-    With ``n_groups`` a vetoed pair stays apart while entangled merges are left; the
-    smallest-first folds that then reach ``n_groups`` are never vetoed (Spectre with K = 12,
-    seeds 0-4: ARI 0.964 vs 0.953 without the veto).
-
-    Each merge is logged at DEBUG level on the ``"cellvi"`` logger (components, cells on
-    each side, score and rule), so that a user can see why two clusters became one.
+    inside a larger one's component; the markers have the last word. The smallest-first
+    folds that reach ``n_groups`` are never vetoed. Each merge and veto is logged at DEBUG
+    level on the ``"cellvi"`` logger. Evidence: ``docs/design.md`` (merging and the veto).
 
     Args:
         probs: cells x components responsibilities (columns of switched-off components are 0).
@@ -66,7 +56,7 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
             vetoed pairs append the same with rule ``"vetoed (bimodal)"``.
         features: cells x features (standardised markers, batch shifts removed), rows as in
             ``probs``; enables the bimodality veto.
-        seed: seed of the subsampling in :func:`bimodality`.
+        seed: seed of :func:`bimodality` (its subsampling and its mixture fits).
 
     Returns:
         Groups of component indices (each group becomes one cluster), for the columns with
@@ -87,7 +77,7 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
         if key in vetoed:
             return True
         labels = g.argmax(1)
-        if not bimodality(features, labels == i, labels == j, rng)["bimodal"]:
+        if not bimodality(features, labels == i, labels == j, rng, seed=seed)["bimodal"]:
             return False
         vetoed.add(key)
         step = dict(components_a=list(groups[i]), components_b=list(groups[j]),
@@ -135,17 +125,15 @@ def merge_components(probs: np.ndarray, threshold: float = 0.0,
     return groups
 
 
-BIMODAL_SEPARATION = 4.0  # Ashman's D of the two modes (2 = just resolved) ...
-BIMODAL_VALLEY = 0.55  # ... and the density between them relative to the lower peak
-# tuning (merges logged with both statistics, simulator data seed 5, flowsom_68983 seed 0,
-# Spectre seeds 3, 6, 8, 17): fragments of one population had D <= 4.15 and, where D > 4,
-# valleys >= 0.61; the wrong merges (CD4/CD8a T/NK, NK/NK T, NK/CD8a T, non-classical/mature
-# monocytes, Progenitors/Other) had D 4.04-5.10 with valleys 0.38-0.53. D 4.4 (git 3c8fe6e)
-# vetoed the clearest of them only.
+#: Ashman's D above which the two modes count as separated (2 = just resolved) ...
+BIMODAL_SEPARATION = 4.0
+#: ... and the density between them, relative to the lower peak, below which there is a valley
+BIMODAL_VALLEY = 0.55  # both tuned on logged merges: docs/design.md
 
 
 def bimodality(features: np.ndarray, in_a: np.ndarray, in_b: np.ndarray,
-               rng: np.random.Generator | None = None, max_cells: int = 4000) -> dict[str, Any]:
+               rng: np.random.Generator | None = None, max_cells: int = 4000,
+               seed: int = 0) -> dict[str, Any]:
     """Whether two groups of cells are two modes in feature space.
 
     The cells of both groups are projected on the Fisher direction that separates them
@@ -164,7 +152,8 @@ def bimodality(features: np.ndarray, in_a: np.ndarray, in_b: np.ndarray,
     Args:
         features: cells x features.
         in_a, in_b: boolean masks of the two groups' cells.
-        rng: subsamples at most ``max_cells`` cells for the fits.
+        rng: subsamples at most ``max_cells`` cells for the fits (default: seeded by ``seed``).
+        seed: seed of the two-component mixture fit.
     """
     from scipy.stats import gaussian_kde
     from sklearn.mixture import GaussianMixture
@@ -178,8 +167,8 @@ def bimodality(features: np.ndarray, in_a: np.ndarray, in_b: np.ndarray,
     w = np.linalg.solve(cov, mb - ma)
     t = (np.r_[xa @ w, xb @ w] - ma @ w) / max((mb - ma) @ w, 1e-12)
     if len(t) > max_cells:
-        t = t[(rng or np.random.default_rng(0)).choice(len(t), max_cells, replace=False)]
-    gm = GaussianMixture(2, n_init=2, random_state=0).fit(t[:, None])
+        t = t[(rng or np.random.default_rng(seed)).choice(len(t), max_cells, replace=False)]
+    gm = GaussianMixture(2, n_init=2, random_state=seed).fit(t[:, None])
     m, v = gm.means_.ravel(), gm.covariances_.ravel()
     out["separation"] = float(abs(m[0] - m[1]) * np.sqrt(2) / np.sqrt(v[0] + v[1]))
     grid = np.linspace(-0.25, 1.25, 61)
@@ -197,7 +186,7 @@ def group_moments(z: np.ndarray, labels: np.ndarray, k: int, zvar: np.ndarray | 
     variances)`` (the moments of the aggregate posterior of the group, which is what the
     prior sees through the ELBO's samples; from the means alone a component would be far too
     narrow in latent dimensions that carry no information). An empty group starts at a random
-    cell with the pooled spread and a small weight."""
+    cell (drawn with ``rng``, default seed 0) with the pooled spread and a small weight."""
     if zvar is None:
         zvar = np.zeros_like(z)
     counts = np.bincount(labels, minlength=k).astype(float)

@@ -19,7 +19,7 @@ from anndata import AnnData
 logger = logging.getLogger("cellvi")
 
 __all__ = ["CountData", "ContinuousData", "prepare_continuous", "get_matrix", "check_finite", "check_counts", "encode_covariates",
-           "prepare_counts", "check_writable", "as_batch_keys"]
+           "prepare_counts", "check_writable", "check_unique_names", "as_batch_keys"]
 
 
 @dataclass
@@ -192,7 +192,6 @@ def prepare_counts(
     batch_key: str | Sequence[str] | None = None,
     *,
     categories: dict[str, list[str]] | None = None,
-    var_names: Sequence[str] | None = None,
     check: bool = True,
 ) -> CountData:
     """Validate ``adata`` and extract the arrays a count model needs.
@@ -201,12 +200,11 @@ def prepare_counts(
         layer: layer with raw counts, or ``None`` for ``X``.
         batch_key: one or more categorical obs keys.
         categories: known categories (when applying a trained model).
-        var_names: the trained model's genes; ``adata`` must have the same, in order.
+        check: validate the values (a trained model's callers have checked the features).
     """
     X = get_matrix(adata, layer)
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
-    if var_names is not None:
-        check_var_names(adata, var_names)
+    check_unique_names(adata)
     X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
     if check:
         check_finite(X, where)
@@ -216,6 +214,17 @@ def prepare_counts(
     totals = np.asarray(X.sum(axis=1), dtype=np.float64).reshape(-1, 1)
     log_library = np.log(np.maximum(totals, 1.0)).astype(np.float32)
     return CountData(X, covs, keys, cats, log_library, list(map(str, adata.var_names)))
+
+
+def check_unique_names(adata: AnnData) -> None:
+    """Feature names must be unique: a model stores and matches its features by name."""
+    names = pd.Index(map(str, adata.var_names))
+    if not names.is_unique:
+        dup = names[names.duplicated()].unique().tolist()
+        raise ValueError(
+            f"adata.var_names has {len(dup)} duplicated names (e.g. {dup[:5]}); make them "
+            "unique first with adata.var_names_make_unique()"
+        )
 
 
 def check_var_names(adata: AnnData, var_names: Sequence[str]) -> None:
@@ -302,6 +311,7 @@ def prepare_continuous(
     """
     X = get_matrix(adata, layer)
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
+    check_unique_names(adata)
     cols = select_markers(adata, markers)
     X = X[:, cols]
     X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)

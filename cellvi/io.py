@@ -294,6 +294,103 @@ def _file_spillover(path: Path, text: dict[str, str]) -> pd.DataFrame | None:
     return None
 
 
+def _align_channels(paths: list[Path], parsed: list[dict[str, Any]]) -> None:
+    """Put every file's channels in the first file's order (in place); refuse other channels.
+
+    Also warns where a file's marker names (``$PnS``) differ from the first file's.
+    """
+    first, first_path = parsed[0], paths[0]
+    for path, part in zip(paths[1:], parsed[1:], strict=True):
+        if part["pnn"] == first["pnn"]:
+            continue
+        only_first = [c for c in first["pnn"] if c not in part["pnn"]]
+        only_this = [c for c in part["pnn"] if c not in first["pnn"]]
+        if only_first or only_this or len(part["pnn"]) != len(first["pnn"]):
+            raise ValueError(
+                f"the FCS files have different channels: {first_path.name} and {path.name} "
+                f"differ (only in {first_path.name}: {only_first or 'none'}; only in "
+                f"{path.name}: {only_this or 'none'}). Read them separately, or keep the "
+                "channels they share: adata[:, shared].copy() on each, then anndata.concat."
+            )
+        order = [part["pnn"].index(c) for c in first["pnn"]]
+        logger.info("%s has the channels in another order; reordered to %s's",
+                    path.name, first_path.name)
+        part["events"] = part["events"][:, order]
+        part["pns"] = [part["pns"][i] for i in order]
+        part["pnr"] = [part["pnr"][i] for i in order]
+        part["pnn"] = list(first["pnn"])
+    for path, part in zip(paths[1:], parsed[1:], strict=True):
+        if part["pns"] != first["pns"]:
+            diff = [f"{n}: {a!r} vs {b!r}" for n, a, b in
+                    zip(first["pnn"], first["pns"], part["pns"], strict=True) if a != b]
+            logger.warning("marker names ($PnS) of %s differ from %s's (%s); using %s's",
+                           path.name, first_path.name, "; ".join(diff[:5]), first_path.name)
+
+
+def _fcs_var(parsed: list[dict[str, Any]]) -> pd.DataFrame:
+    """``var`` of the channel-aligned files: channel, marker and (largest) range."""
+    first = parsed[0]
+    names = [s if s else n for s, n in zip(first["pns"], first["pnn"], strict=True)]
+    var = pd.DataFrame(
+        {"channel": first["pnn"], "marker": first["pns"],
+         "range": np.max([p["pnr"] for p in parsed], axis=0).astype(np.float64)},
+        index=pd.Index(_make_unique(names)),
+    )
+    if len(set(names)) < len(names):
+        logger.info("marker/channel names were not unique; made them unique: %s",
+                    list(var.index))
+    return var
+
+
+def _fcs_obs(samples: list[str], parsed: list[dict[str, Any]],
+             sample_key: str | None) -> pd.DataFrame:
+    """``obs`` of the stacked files: ``"<stem>_<i>"`` names and the sample column."""
+    obs_names = [f"{s}_{i}" for s, p in zip(samples, parsed, strict=True)
+                 for i in range(p["events"].shape[0])]
+    obs = pd.DataFrame(index=pd.Index(obs_names))
+    if sample_key is not None:
+        obs[sample_key] = pd.Categorical(
+            np.repeat(samples, [p["events"].shape[0] for p in parsed]), categories=samples
+        )
+    return obs
+
+
+def _store_fcs_uns(adata: AnnData, paths: list[Path], samples: list[str],
+                   parsed: list[dict[str, Any]], sample_key: str | None) -> None:
+    """Write ``uns["fcs"]`` (keywords) and ``uns["spillover"]`` (see :func:`read_fcs`)."""
+    keywords = [_uns_keywords(p["text"]) for p in parsed]
+    spills = [_file_spillover(path, p["text"]) for path, p in zip(paths, parsed, strict=True)]
+    if len(paths) == 1:
+        adata.uns["fcs"] = keywords[0]
+        if spills[0] is not None:
+            adata.uns["spillover"] = _spillover_to_uns(spills[0])
+        return
+    adata.uns["fcs"] = dict(zip(samples, keywords, strict=True))
+    have = [(s, sp) for s, sp in zip(samples, spills, strict=True) if sp is not None]
+    if not have:
+        return
+    ref = have[0][1]
+    same = len(have) == len(samples) and all(
+        sp.shape == ref.shape and list(sp.index) == list(ref.index)
+        and np.array_equal(sp.to_numpy(), ref.to_numpy()) for _, sp in have
+    )
+    if same:
+        adata.uns["spillover"] = _spillover_to_uns(ref)
+        return
+    if "sample_key" in samples:
+        raise ValueError(
+            "a file is named 'sample_key.fcs', a name read_fcs reserves; rename it"
+        )
+    per_sample = {s: _spillover_to_uns(sp) for s, sp in have}
+    adata.uns["spillover"] = {**per_sample, "sample_key": sample_key or ""}
+    if sample_key is None:
+        logger.warning("the files have different spillover matrices; without a "
+                       "sample_key, cellvi.pp.compensate cannot tell which applies")
+    missing = [s for s, sp in zip(samples, spills, strict=True) if sp is None]
+    if missing:
+        logger.warning("no spillover matrix in sample(s) %s", missing)
+
+
 def read_fcs(
     path_or_paths: str | Path | Sequence[str | Path],
     *,
@@ -350,84 +447,11 @@ def read_fcs(
     if len(set(p.stem for p in paths)) < len(paths):
         logger.warning("several files share a name stem; samples were named %s", samples)
     parsed = [_read_one(p, preprocess) for p in paths]
-
-    first, first_path = parsed[0], paths[0]
-    for path, part in zip(paths[1:], parsed[1:], strict=True):
-        if part["pnn"] == first["pnn"]:
-            continue
-        only_first = [c for c in first["pnn"] if c not in part["pnn"]]
-        only_this = [c for c in part["pnn"] if c not in first["pnn"]]
-        if only_first or only_this or len(part["pnn"]) != len(first["pnn"]):
-            raise ValueError(
-                f"the FCS files have different channels: {first_path.name} and {path.name} "
-                f"differ (only in {first_path.name}: {only_first or 'none'}; only in "
-                f"{path.name}: {only_this or 'none'}). Read them separately, or keep the "
-                "channels they share: adata[:, shared].copy() on each, then anndata.concat."
-            )
-        order = [part["pnn"].index(c) for c in first["pnn"]]
-        logger.info("%s has the channels in another order; reordered to %s's",
-                    path.name, first_path.name)
-        part["events"] = part["events"][:, order]
-        part["pns"] = [part["pns"][i] for i in order]
-        part["pnr"] = [part["pnr"][i] for i in order]
-        part["pnn"] = list(first["pnn"])
-    for path, part in zip(paths[1:], parsed[1:], strict=True):
-        if part["pns"] != first["pns"]:
-            diff = [f"{n}: {a!r} vs {b!r}" for n, a, b in
-                    zip(first["pnn"], first["pns"], part["pns"], strict=True) if a != b]
-            logger.warning("marker names ($PnS) of %s differ from %s's (%s); using %s's",
-                           path.name, first_path.name, "; ".join(diff[:5]), first_path.name)
-
-    names = [s if s else n for s, n in zip(first["pns"], first["pnn"], strict=True)]
-    var = pd.DataFrame(
-        {"channel": first["pnn"], "marker": first["pns"],
-         "range": np.max([p["pnr"] for p in parsed], axis=0).astype(np.float64)},
-        index=pd.Index(_make_unique(names)),
-    )
-    if len(set(names)) < len(names):
-        logger.info("marker/channel names were not unique; made them unique: %s",
-                    list(var.index))
-
+    _align_channels(paths, parsed)
+    var = _fcs_var(parsed)
     X = np.concatenate([p["events"] for p in parsed], axis=0).astype(np.float32, copy=False)
-    obs_names = [f"{s}_{i}" for s, p in zip(samples, parsed, strict=True)
-                 for i in range(p["events"].shape[0])]
-    obs = pd.DataFrame(index=pd.Index(obs_names))
-    if sample_key is not None:
-        obs[sample_key] = pd.Categorical(
-            np.repeat(samples, [p["events"].shape[0] for p in parsed]), categories=samples
-        )
-    adata = AnnData(X=X, obs=obs, var=var)
-
-    keywords = [_uns_keywords(p["text"]) for p in parsed]
-    spills = [_file_spillover(path, p["text"]) for path, p in zip(paths, parsed, strict=True)]
-    if len(paths) == 1:
-        adata.uns["fcs"] = keywords[0]
-        if spills[0] is not None:
-            adata.uns["spillover"] = _spillover_to_uns(spills[0])
-    else:
-        adata.uns["fcs"] = dict(zip(samples, keywords, strict=True))
-        have = [(s, sp) for s, sp in zip(samples, spills, strict=True) if sp is not None]
-        if have:
-            ref = have[0][1]
-            same = len(have) == len(samples) and all(
-                sp.shape == ref.shape and list(sp.index) == list(ref.index)
-                and np.array_equal(sp.to_numpy(), ref.to_numpy()) for _, sp in have
-            )
-            if same:
-                adata.uns["spillover"] = _spillover_to_uns(ref)
-            else:
-                if "sample_key" in samples:
-                    raise ValueError(
-                        "a file is named 'sample_key.fcs', a name read_fcs reserves; rename it"
-                    )
-                per_sample = {s: _spillover_to_uns(sp) for s, sp in have}
-                adata.uns["spillover"] = {**per_sample, "sample_key": sample_key or ""}
-                if sample_key is None:
-                    logger.warning("the files have different spillover matrices; without a "
-                                   "sample_key, cellvi.pp.compensate cannot tell which applies")
-                missing = [s for s, sp in zip(samples, spills, strict=True) if sp is None]
-                if missing:
-                    logger.warning("no spillover matrix in sample(s) %s", missing)
+    adata = AnnData(X=X, obs=_fcs_obs(samples, parsed, sample_key), var=var)
+    _store_fcs_uns(adata, paths, samples, parsed, sample_key)
     logger.info("read %d events x %d channels from %d FCS file(s)", adata.n_obs, adata.n_vars,
                 len(paths))
     return adata

@@ -124,7 +124,8 @@ def nbvae(
         verbose: progress bar.
         **model_kwargs: network settings (``dispersion``, ``n_hidden``, ``n_layers``,
             ``dropout``, ``norm``, ``input_scale``) and training settings (``batch_size``, ``lr``,
-            ``kl_warmup_steps``, ``kl_weight``, ``patience``, ``validation_fraction``, ...).
+            ``kl_warmup_steps``, ``kl_weight``, ``patience``, ``validation_fraction``,
+            ``callbacks``, ...: the fields of :class:`cellvi.train.TrainConfig`).
 
     Returns:
         ``None`` (or the model, if ``return_model``) when ``copy=False``; otherwise the new
@@ -205,7 +206,9 @@ def gmvae(
         **model_kwargs: model settings (``markers`` -- the channels to use, default all;
             ``prune``, ``sparsity``, ``prune_threshold``, ``merge_threshold``, ``overcluster``,
             ``n_hidden``, ``n_layers``, ``dropout``, ``norm``) and training settings
-            (``batch_size``, ``lr``, ``warmup_epochs``, ``patience``, ...).
+            (``batch_size``, ``lr``, ``warmup_epochs``, ``schedule`` -- a
+            :class:`cellvi.models.GMVAESchedule` of the phases' budgets, ``callbacks``,
+            ``patience``, ...).
 
     Returns:
         ``None`` (or the model, if ``return_model``) when ``copy=False``; otherwise the new

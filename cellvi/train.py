@@ -187,26 +187,18 @@ def train(
     objective = objective or ELBO()
     callbacks = _as_callbacks(callbacks)
     device = data.x.device
-    n_obs = data.n_obs
-    generator = np.random.default_rng(cfg.seed)
-    perm = generator.permutation(n_obs)
-    n_val = int(round(cfg.validation_fraction * n_obs)) if n_obs >= 20 else 0
-    # Indices stay on the CPU (the device gets each mini-batch's indices, asynchronously).
-    val_idx = torch.as_tensor(np.sort(perm[:n_val]))
-    train_idx = torch.as_tensor(perm[n_val:])
-    n_train = len(train_idx)
-    batch_size = min(cfg.batch_size, n_train)
+    val_idx, train_idx = _split(data.n_obs, cfg)
+    batch_size = min(cfg.batch_size, len(train_idx))
     # Drop a last batch smaller than 3 cells: BatchNorm cannot use it.
-    steps_per_epoch = max(1, n_train // batch_size + (1 if n_train % batch_size >= 3 else 0))
-    max_epochs = cfg.max_epochs or default_max_epochs(n_obs, batch_size)
+    steps_per_epoch = max(1, len(train_idx) // batch_size + (len(train_idx) % batch_size >= 3))
+    max_epochs = cfg.max_epochs or default_max_epochs(data.n_obs, batch_size)
     schedule = objective.beta
-    if schedule is None:
+    if schedule is None:  # the linear KL warm-up, by default a quarter of the steps (<= 2,000)
         warmup = cfg.kl_warmup_steps
         if warmup is None:
             warmup = min(2000, max_epochs * steps_per_epoch // 4)
         schedule = LinearWarmup(warmup, end=float(cfg.kl_weight))
-    use_val = cfg.early_stopping and n_val > 0
-
+    use_val = cfg.early_stopping and len(val_idx) > 0
     optimizer = _adam(module, cfg.lr, cfg.weight_decay)
     history: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS}
     best, best_state, bad_epochs, step = -math.inf, None, 0, 0
@@ -218,42 +210,20 @@ def train(
         for epoch in bar:
             for callback in callbacks:
                 callback.on_epoch_start(epoch)
-            order = train_idx[torch.randperm(n_train)]
-            sums = torch.zeros(3, device=device)  # loss, log p(x|z), KL, summed over cells
-            seen = 0
-            for b in range(steps_per_epoch):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                batch = data.batch(idx)
-                beta = schedule(step)
-                loss, log_px, kl_z = objective.loss(module, batch, beta, n_obs)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
-                optimizer.step()
-                with torch.no_grad():
-                    sums += torch.stack([loss * len(idx), log_px.sum(), kl_z.sum()])
-                seen += len(idx)
-                step += 1
-                if device.type == "cpu" and not math.isfinite(float(loss.detach())):
-                    _diverged(epoch, step, cfg.lr)
-            total, recon, kl_sum = (float(v) / max(1, seen) for v in sums)
-            train_elbo = -total
-            if not math.isfinite(train_elbo):
-                _diverged(epoch, step, cfg.lr)
+            batches = torch.split(train_idx[torch.randperm(len(train_idx))], batch_size)
+            train_terms, step = _epoch(module, data, batches[:steps_per_epoch], objective,
+                                       optimizer, schedule, step, epoch, cfg)
             for callback in callbacks:
                 callback.on_epoch_end(epoch, history)
-            val = (evaluate(module, data, val_idx, objective=objective) if n_val > 0
+            val = (evaluate(module, data, val_idx, objective=objective) if len(val_idx)
                    else dict(elbo=math.nan, reconstruction=math.nan, kl=math.nan))
-            for key, value in (("epoch", epoch), ("train_elbo", train_elbo),
-                               ("validation_elbo", val["elbo"]), ("beta", schedule(step)),
-                               ("reconstruction", recon), ("kl", kl_sum),
-                               ("validation_reconstruction", val["reconstruction"]),
-                               ("validation_kl", val["kl"])):
+            for key, value in (("epoch", epoch), ("beta", schedule(step)), *train_terms.items(),
+                               *((f"validation_{k}", v) for k, v in val.items())):
                 history[key].append(value)
             for callback in callbacks:
                 callback.on_validation_end(epoch, history)
-            bar.set_postfix(train_elbo=f"{train_elbo:.4g}", val_elbo=f"{val['elbo']:.4g}")
+            bar.set_postfix(train_elbo=f"{train_terms['train_elbo']:.4g}",
+                            val_elbo=f"{val['elbo']:.4g}")
             if use_val and schedule.done(step):
                 if val["elbo"] > best + cfg.min_delta:
                     best, bad_epochs = val["elbo"], 0
@@ -268,6 +238,37 @@ def train(
         module.load_state_dict(best_state)
     module.eval()
     return history
+
+
+def _split(n_obs: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded validation and training indices (on the CPU: the device gets each mini-batch's
+    indices asynchronously); no validation split below 20 cells."""
+    perm = np.random.default_rng(cfg.seed).permutation(n_obs)
+    n_val = int(round(cfg.validation_fraction * n_obs)) if n_obs >= 20 else 0
+    return torch.as_tensor(np.sort(perm[:n_val])), torch.as_tensor(perm[n_val:])
+
+
+def _epoch(module, data, batches, objective, optimizer, schedule, step, epoch, cfg):
+    """One pass of optimiser steps: ``({train_elbo, reconstruction, kl} per cell, step)``."""
+    sums = torch.zeros(3, device=data.x.device)  # loss, log p(x|z), KL, summed over cells
+    seen = 0
+    for idx in batches:
+        loss, log_px, kl_z = objective.loss(module, data.batch(idx), schedule(step), data.n_obs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            sums += torch.stack([loss * len(idx), log_px.sum(), kl_z.sum()])
+        seen += len(idx)
+        step += 1
+        if data.x.device.type == "cpu" and not math.isfinite(float(loss.detach())):
+            _diverged(epoch, step, cfg.lr)
+    total, recon, kl_sum = (float(v) / max(1, seen) for v in sums)
+    if not math.isfinite(total):
+        _diverged(epoch, step, cfg.lr)
+    return dict(train_elbo=-total, reconstruction=recon, kl=kl_sum), step
 
 
 def _is_int(value) -> bool:

@@ -24,9 +24,29 @@ def test_tl_signature_contract(func):
     assert "key_added" in doc.split("Returns:")[1], "Returns lists the fields written"
 
 
-@pytest.mark.parametrize("name", ["tl", "models", "datasets", "metrics"])
+@pytest.mark.parametrize("name", ["tl", "models", "datasets", "metrics", "clustering", "train",
+                                  "objectives", "priors", "posteriors", "decoders", "vae"])
 def test_public_objects_are_documented(name):
     mod = getattr(cellvi, name)
     for attr in mod.__all__:
         obj = getattr(mod, attr)
         assert inspect.getdoc(obj), f"cellvi.{name}.{attr} has no docstring"
+
+
+@pytest.mark.parametrize("func", TL_FUNCS, ids=lambda f: f.__name__)
+def test_key_added_is_a_result_name(func):
+    """One convention for every tl function: key_added names the result (obsm["X_" + name])."""
+    default = inspect.signature(func).parameters["key_added"].default
+    assert isinstance(default, str) and not default.startswith("X_")
+    assert 'obsm["X_" + key_added]' in inspect.getdoc(func).split("Returns:")[1]
+
+
+@pytest.mark.parametrize("name", ["NBVAE", "GMVAE"])
+def test_models_share_one_public_interface(name):
+    cls = getattr(cellvi.models, name)
+    assert issubclass(cls, cellvi.models.Model)
+    for method in ("fit", "transform", "get_latent", "save", "load"):
+        assert inspect.getdoc(getattr(cls, method)), f"{name}.{method} is undocumented"
+    fit = inspect.signature(cls.fit).parameters
+    assert {"seed", "device", "verbose", "callbacks"} <= set(fit)
+    assert all(p.kind in (p.KEYWORD_ONLY, p.VAR_KEYWORD) for n, p in fit.items() if n != "self")

@@ -1,6 +1,5 @@
 """The cytometry model: decoder, merging, GMVAE / tl.gmvae outputs, recovery, validation."""
 
-import logging
 import warnings
 
 import numpy as np
@@ -12,7 +11,7 @@ from torch.distributions import Normal, StudentT
 import cellvi
 from cellvi.decoders import ContinuousDecoder
 from cellvi.metrics import ari
-from cellvi.models import GMVAE, bimodality, merge_components
+from cellvi.models import GMVAE, GMVAESchedule
 
 FAST = dict(max_epochs=8, warmup_epochs=3)
 
@@ -52,99 +51,6 @@ def test_continuous_decoder_returns_distribution(likelihood, cls):
                             + np.array([[0.0], [1.0], [0.0]], dtype=np.float32)])
     torch.testing.assert_close(dec.mean(same_z, covs3) - before,
                                torch.tensor([[0.0], [1.0], [0.0]]).expand(3, 7), atol=1e-5, rtol=0)
-
-
-def test_merge_components_joins_split_population_only():
-    rng = np.random.default_rng(0)
-    # components 0 and 1 share their cells (one population split in two); 2 is apart
-    shared = rng.uniform(0.3, 0.7, 500)
-    probs = np.zeros((800, 3))
-    probs[:500, 0], probs[:500, 1] = shared, 1 - shared
-    probs[500:, 2] = 1.0
-    assert sorted(map(sorted, merge_components(probs, 0.1))) == [[0, 1], [2]]
-    crisp = np.eye(3)[rng.integers(0, 3, 600)]
-    assert len(merge_components(crisp, 0.1)) == 3
-    assert len(merge_components(crisp, n_groups=2)) == 2
-
-
-def test_bimodality_tells_two_populations_from_one_split_in_two():
-    rng = np.random.default_rng(0)
-    one = rng.normal(size=(600, 8))
-    half = one[:, 0] > 0.3  # one Gaussian cut by a hyperplane, unequal halves
-    stats = bimodality(one, half, ~half)
-    assert not stats["bimodal"] and stats["valley"] > 0.8
-    # two Gaussians 5.2 standard deviations apart (2 at 3.5 are not called bimodal)
-    shift = np.r_[3.0, 3.0, 3.0, np.zeros(5)]
-    two = np.r_[rng.normal(size=(400, 8)), rng.normal(size=(200, 8)) + shift]
-    is_b = np.arange(600) >= 400
-    stats = bimodality(two, ~is_b, is_b)
-    assert stats["bimodal"] and stats["separation"] > 4.4 and stats["valley"] < 0.45
-    two[is_b] -= shift / 1.5
-    assert not bimodality(two, ~is_b, is_b)["bimodal"]
-    # too few cells on a side: no verdict
-    assert not bimodality(two, ~is_b, np.arange(600) == 0)["bimodal"]
-
-
-def test_merge_components_vetoes_entangled_pairs_that_are_two_modes_in_the_markers():
-    rng = np.random.default_rng(0)
-    # components 0 and 1 share their cells in the latent; component 2 is apart
-    shared = rng.uniform(0.3, 0.7, 500)
-    probs = np.full((800, 3), 1e-6)
-    probs[:500, 0], probs[:500, 1] = shared, 1 - shared
-    probs[500:, 2] = 1.0
-    probs /= probs.sum(1, keepdims=True)
-    first = (probs[:, 0] > probs[:, 1]) & (np.arange(800) < 500)
-    # in the markers, the cells of 0 and of 1 are one population: merged
-    markers = rng.normal(size=(800, 6))
-    markers[500:] += 10.0
-    assert sorted(map(sorted, merge_components(probs, 0.1, features=markers))) == [[0, 1], [2]]
-    # in the markers they are two populations: kept apart, and the veto is recorded
-    markers[first] += np.r_[4.0, 4.0, np.zeros(4)]
-    record = []
-    groups = merge_components(probs, 0.1, features=markers, record=record)
-    assert sorted(map(sorted, groups)) == [[0], [1], [2]]
-    assert [r["rule"] for r in record] == ["vetoed (bimodal)"]
-    assert record[0]["score"] > 0.1
-    # without features (or with n_groups, whose folds are never vetoed) they are merged
-    assert len(merge_components(probs, 0.1)) == 2
-    assert len(merge_components(probs, 0.1, n_groups=1, features=markers)) == 1
-
-
-def test_merge_to_k_folds_a_tiny_isolated_group_before_joining_populations():
-    """K given: once the groups are distinct, the smallest one is absorbed (by the group it
-    shares most cells with), not two real populations joined (flowsom_68983 with K = 6: a
-    speck of 184 Unlabeled cells kept a cluster while NK and NK T cells were joined)."""
-    rng = np.random.default_rng(1)
-    # rows: a big population split over components 0 and 1, two distinct populations
-    # (components 2 and 3) and a speck of 40 cells (component 4)
-    probs = np.full((2640, 5), 1e-6)
-    shared = rng.uniform(0.3, 0.7, 2000)
-    probs[:2000, 0], probs[:2000, 1] = shared, 1 - shared
-    probs[2000:2300, 2] = probs[2300:2600, 3] = probs[2600:, 4] = 1.0
-    probs[2300:2600, 2] = 0.02  # population 3 touches population 2 a little
-    probs[2600:, 3] = 0.005  # the speck touches population 3, barely
-    probs /= probs.sum(1, keepdims=True)
-    groups = sorted(map(sorted, merge_components(probs, 0.125, n_groups=3)))
-    assert groups == [[0, 1], [2], [3, 4]]
-    # the former rule (always the most entangled pair) joined populations 2 and 3 instead
-    legacy = sorted(map(sorted, merge_components(probs, 0.0, n_groups=3)))
-    assert legacy == [[0, 1], [2, 3], [4]]
-
-
-def test_merge_components_logs_each_merge_with_its_score_and_rule(caplog):
-    rng = np.random.default_rng(0)
-    shared = rng.uniform(0.3, 0.7, 500)
-    probs = np.full((840, 4), 1e-6)
-    probs[:500, 0], probs[:500, 1] = shared, 1 - shared
-    probs[500:800, 2] = probs[800:, 3] = 1.0
-    probs /= probs.sum(1, keepdims=True)
-    with caplog.at_level(logging.DEBUG, logger="cellvi"):
-        merge_components(probs, 0.125, n_groups=2)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("merge components")]
-    assert len(lines) == 2
-    assert lines[0].startswith("merge components [0] (") and lines[0].endswith(", entangled")
-    # then the 40-cell group is folded into the group it touches most (below the threshold)
-    assert "(40 cells)" in lines[1] and lines[1].endswith(", smallest folded")
 
 
 def test_discovery_recovers_populations(cyto, discovered):
@@ -312,3 +218,92 @@ def test_no_warning_after_cellvi_compensation(data_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GMVAE(adata, layer="logicle", markers=markers, n_components=6)
+
+
+# -- the redesign: phases, schedule, callbacks, declared components ------------------------
+def test_phases_keep_the_mixture_prior_and_run_user_callbacks_after_the_m_step(tiny):
+    """The warm-up's N(0, I) is a setting of the objective: module.prior stays the mixture in
+    every epoch of every phase; a user callback runs in each phase after the model's own
+    π update (it sees the epoch's n_components already recorded)."""
+    from cellvi.priors import MixturePrior
+
+    seen = []
+    model = GMVAE(tiny, n_components=3)
+
+    def spy(epoch, history):
+        seen.append((isinstance(model.module.prior, MixturePrior), model.module.prior.n_active))
+
+    model.fit(callbacks=[spy], verbose=False, **FAST)
+    assert len(seen) == len(model.history["epoch"]) and all(ok for ok, _ in seen)
+    phases = model.history["phase"]
+    assert phases[0] == "warmup" and "mixture" in phases
+    n_warm = phases.count("warmup")
+    assert [k for _, k in seen[n_warm:]] == model.history["n_components"][n_warm:]
+    ts = model.train_settings
+    assert ts["warmup_beta"] == 0.01 and ts["init"] == "markers" and ts["n_init"] == 3
+    assert ts["schedule"]["merge_rounds"] == 3 and ts["epochs_trained"] == len(phases)
+    for key in ("reconstruction", "kl", "validation_reconstruction", "validation_kl"):
+        assert len(model.history[key]) == len(phases)
+
+
+def test_schedule_sets_the_phase_budgets(tiny):
+    sched = GMVAESchedule(warmup_steps=1, warmup_epochs=(2, 2), mixture_steps=1,
+                          mixture_epochs=(3, 3), merge_rounds=0)
+    model = GMVAE(tiny, n_components=3, overcluster=False).fit(schedule=sched, verbose=False)
+    assert model.history["phase"] == ["warmup"] * 2 + ["mixture"] * 3
+    assert model.merges == [] and model.n_clusters == 3
+    with pytest.raises(ValueError, match="merge_rounds=0 cannot merge"):
+        GMVAE(tiny, n_components=3).fit(schedule=sched, verbose=False)
+    with pytest.raises(ValueError, match="GMVAESchedule.probe_cells"):
+        GMVAESchedule(probe_cells=0)
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        GMVAESchedule(warmup_epochs=(5, 2))
+    with pytest.raises(TypeError, match="GMVAESchedule"):
+        GMVAE(tiny).fit(schedule={"warmup_steps": 10}, verbose=False)
+    # through tl too, recorded in uns
+    out = cellvi.tl.gmvae(tiny, n_components=3, overcluster=False, schedule=sched, copy=True,
+                          verbose=False)
+    assert out.uns["gmvae"]["train_settings"]["schedule"]["mixture_steps"] == 1
+
+
+def test_transform_gives_latent_labels_and_probs_of_any_sample(tiny):
+    model = GMVAE(tiny, n_components=3).fit(verbose=False, **FAST)
+    out = model.transform(tiny)
+    assert out.latent.shape == (tiny.n_obs, 10) and out.latent.dtype == np.float32
+    assert out.probs.shape == (tiny.n_obs, model.n_clusters)
+    np.testing.assert_allclose(out.probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(out.labels.codes, out.probs.argmax(1))
+    np.testing.assert_array_equal(out.confidence, out.probs.max(1))
+    np.testing.assert_array_equal(out.latent, model.get_latent(tiny))
+    labels, probs = model.predict(tiny)
+    np.testing.assert_array_equal(probs, out.probs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_latent=0), "n_latent must be a positive integer"),
+    (dict(n_hidden=2.5), "n_hidden must be a positive integer"),
+    (dict(n_components=0), "n_components must be a positive integer"),
+])
+def test_bad_sizes_are_refused_before_training(tiny, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GMVAE(tiny, **kwargs)
+
+
+@pytest.mark.parametrize("seed", ["x", -1, 1.5, True, None])
+def test_bad_seed_is_a_clear_error(tiny, seed):
+    with pytest.raises(TypeError, match="seed must be a non-negative integer"):
+        GMVAE(tiny, n_components=3).fit(seed=seed, verbose=False, **FAST)
+    with pytest.raises(TypeError, match="seed must be a non-negative integer"):
+        cellvi.tl.gmvae(tiny, n_components=3, seed=seed, copy=True, verbose=False, **FAST)
+
+
+def test_a_user_on_epoch_end_keyword_is_refused_with_the_callbacks_hint(tiny):
+    with pytest.raises(TypeError, match="unknown training setting"):
+        GMVAE(tiny, n_components=3).fit(on_epoch_end=lambda e: None, verbose=False, **FAST)
+
+
+def test_duplicated_marker_names_are_refused(tiny):
+    dup = tiny.copy()
+    dup.var_names = [dup.var_names[0]] * 2 + list(dup.var_names[2:])
+    with pytest.raises(ValueError, match="var_names_make_unique"):
+        GMVAE(dup)

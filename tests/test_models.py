@@ -167,3 +167,51 @@ def test_iwae_bound_above_elbo(trained, sim_adata):
         e = torch.stack([trained.module.elbo(batch) for _ in range(50)]).mean(0)
         iw = trained.module.iwae(batch, n_samples=50)
     assert float((iw - e).mean()) > 0
+
+
+def test_bad_sizes_and_seeds_are_refused(small_adata):
+    with pytest.raises(ValueError, match="n_latent must be a positive integer"):
+        NBVAE(small_adata, n_latent=0)
+    with pytest.raises(ValueError, match="n_layers must be a positive integer"):
+        NBVAE(small_adata, n_layers=0)
+    with pytest.raises(TypeError, match="seed must be a non-negative integer"):
+        NBVAE(small_adata).fit(seed="x", max_epochs=1, verbose=False)
+    with pytest.raises(TypeError, match="seed must be a non-negative integer"):
+        cellvi.tl.nbvae(small_adata, seed="x", max_epochs=1, verbose=False)
+    with pytest.raises(TypeError, match="unknown training setting"):
+        NBVAE(small_adata).fit(max_epochs=1, verbose=False, on_epoch_end=print)
+
+
+def test_duplicated_gene_names_are_refused(small_adata):
+    dup = small_adata.copy()
+    dup.var_names = [dup.var_names[0]] * 2 + list(dup.var_names[2:])
+    with pytest.raises(ValueError, match="duplicated names"):
+        NBVAE(dup)
+
+
+def test_load_builds_through_the_same_setup_and_names_missing_fields(trained, sim_adata, tmp_path):
+    import json
+
+    trained.save(tmp_path / "m")
+    back = NBVAE.load(tmp_path / "m")
+    assert vars(back).keys() == vars(trained).keys()
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["settings"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lacks \\['settings'\\]"):
+        NBVAE.load(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        NBVAE.load(tmp_path / "m")
+
+
+def test_fit_callbacks_and_history_parts(small_adata):
+    epochs = []
+    m = NBVAE(small_adata, n_latent=3).fit(max_epochs=3, verbose=False,
+                                           callbacks=[lambda e, h: epochs.append(e)])
+    assert epochs == [0, 1, 2]
+    h = m.history
+    assert len(h["reconstruction"]) == len(h["kl"]) == 3 and min(h["kl"]) > 0
+    np.testing.assert_allclose(h["validation_elbo"][-1],
+                               h["validation_reconstruction"][-1] - h["validation_kl"][-1],
+                               rtol=1e-5)

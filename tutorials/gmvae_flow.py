@@ -93,7 +93,7 @@ print("median confidence:", round(float(adata.obs["gmvae_confidence"].median()),
 # drop per cell of the smaller side). Scores just above `merge_threshold` (0.125) are the
 # close calls; raise `merge_threshold` to keep such neighbours apart, or pass `n_components`.
 # Rows with the rule `vetoed (bimodal)` are entangled pairs that were kept apart because
-# their cells form two modes in the markers (`cellvi.models.bimodality`).
+# their cells form two modes in the markers (`cellvi.clustering.bimodality`).
 
 # %%
 print(adata.uns["gmvae"]["merges"].round(3).to_string())
@@ -148,8 +148,8 @@ print(adata.obs["gmvae6"].value_counts().sort_index())
 
 # %% [markdown]
 # ## Labels for new events, and a saved model
-# `predict` labels events the model has not seen, such as another sample measured with the
-# same panel and preprocessing. Here a fifth of the events are held out of the training.
+# `transform` gives the latent, labels and probabilities of events the model has not seen,
+# such as another sample measured with the same panel and preprocessing. Here a fifth of the events are held out of the training.
 # The model is saved as safetensors + JSON (no pickle). Reloaded, it gives the same latent
 # and labels.
 
@@ -159,13 +159,16 @@ held_out = rng.random(adata.n_obs) < 0.2
 train, new = adata[~held_out].copy(), adata[held_out].copy()
 model = cellvi.models.GMVAE(train, layer="logicle", markers=markers)
 model.fit(max_epochs=MAX_EPOCHS, seed=0, verbose=False)
-labels, probs = model.predict(new)
+out = model.transform(new)  # .latent, .labels, .probs, .confidence
+labels = out.labels
 print("held-out events per cluster:", np.bincount(labels.codes, minlength=model.n_clusters))
+print("median confidence of the held-out events:", float(np.median(out.confidence)))
 
 with tempfile.TemporaryDirectory() as tmp:
     model.save(os.path.join(tmp, "gmvae"))
     back = cellvi.models.GMVAE.load(os.path.join(tmp, "gmvae"), new)
-    same = np.array_equal(back.get_latent(new), model.get_latent(new))
-    same_labels = np.array_equal(back.predict(new)[0].codes, labels.codes)
+    again = back.transform(new)
+    same = np.array_equal(again.latent, out.latent)
+    same_labels = np.array_equal(again.labels.codes, labels.codes)
 print("reloaded model gives identical latents:", same, "and identical labels:", same_labels)
 assert same and same_labels

@@ -2,7 +2,7 @@
 
 - :class:`NBVAE` (``nbvae.py``): negative-binomial VAE for scRNA-seq counts;
 - :class:`GMVAE` (``gmvae.py``): Gaussian-mixture-prior VAE for cytometry, trained in named
-  phases whose budgets are a :class:`GMVAESchedule`;
+  phases (``_gmvae_phases.py``) whose budgets are a :class:`GMVAESchedule`;
 - :class:`Model` (``_base.py``): the AnnData edge, ``fit`` orchestration, ``get_latent``,
   safe save/load.
 
