@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch  # noqa: F401  (the device annotation)
 from anndata import AnnData
 
@@ -249,7 +250,7 @@ def gmvae(
     out = model.transform(adata)
     labels = out.labels
     X = get_matrix(adata, layer)[:, select_markers(adata, model.var_names)]
-    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float32)
+    X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
     medians = pd.DataFrame(group_medians(X, labels.codes, len(labels.categories)),
                            index=list(labels.categories), columns=model.var_names)
     if copy:
