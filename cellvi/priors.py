@@ -143,7 +143,8 @@ class MixturePrior(Prior):
         self.min_scale = min_scale
         self.logits = nn.Parameter(torch.zeros(n_components))
         self.loc = nn.Parameter(torch.randn(n_components, n_latent))
-        self.raw_scale = nn.Parameter(torch.full((n_components, n_latent), _inv_softplus(1.0 - min_scale)))
+        start = _inv_softplus(torch.tensor(1.0 - min_scale, device="cpu")).item()  # works on meta
+        self.raw_scale = nn.Parameter(torch.full((n_components, n_latent), start))
         self.register_buffer("active", torch.ones(n_components, dtype=torch.bool))
 
     # -- parameters ------------------------------------------------------------------
@@ -224,6 +225,6 @@ class MixturePrior(Prior):
         return torch.nonzero(drop).flatten().tolist()
 
 
-def _inv_softplus(x):
-    x = torch.as_tensor(x, dtype=torch.float32)
+def _inv_softplus(x: torch.Tensor) -> torch.Tensor:
+    x = x.to(torch.float32)
     return x + torch.log(-torch.expm1(-x))

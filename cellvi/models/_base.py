@@ -7,15 +7,15 @@ arrays once); ``fit`` trains on those arrays and then releases them; ``transform
 both set the model's state through one method, :meth:`Model._setup`, so nothing a
 constructor sets can be missing after a load.
 
-Persistence is safe by construction: weights go to ``model.safetensors`` and everything else
-(settings, feature names, batch categories, version, history) to ``config.json``. Nothing is
-pickled; loading cannot run code.
+Persistence is safe by construction (``_persist.py``): weights go to ``model.safetensors`` and
+everything else (settings, feature names, batch categories, version, history) to
+``config.json``. Nothing is pickled; loading cannot run code, and validates the folder before
+building anything.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import numbers
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -25,19 +25,22 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .. import __version__
 from .._settings import resolve_device, seeded
 from ..data import as_batch_keys, check_var_names, encode_covariates
 from ..device import DeviceData
 from ..train import TrainConfig
 from ..vae import VAE
+from ._persist import (
+    CONFIG,
+    WEIGHTS,
+    check_settings,
+    check_shapes,
+    header_shapes,
+    read_config,
+    save_folder,
+)
 
 __all__ = ["Model", "check_seed", "positive_int"]
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-#: fields of ``config.json`` every saved model has
-_REQUIRED = ("model", "settings", "var_names", "categories", "history")
 #: the keyword arguments of ``fit`` that go to :class:`cellvi.train.TrainConfig`
 TRAIN_KEYS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("seed", "verbose", "desc"))
 
@@ -186,27 +189,31 @@ class Model(ABC):
         return self._encode(data, batch_size=batch_size, mean=mean, seed=check_seed(seed))
 
     # -- persistence --------------------------------------------------------------------
+    #: name -> (check, default) of every setting (``...``: required); see ``_persist.py``
+    _schema: dict[str, tuple[Any, Any]] = {}
+
+    def _check_saved(self, config: dict[str, Any], where: str) -> None:
+        """Check the extra state of a saved config (subclasses; after the settings)."""
+        return None
+
     def save(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Save weights (safetensors) and settings/features/categories (JSON) to folder ``path``."""
-        from safetensors.torch import save_file
-
         self._require_trained()
-        path = Path(path)
-        if (path / WEIGHTS).exists() and not overwrite:
-            raise FileExistsError(f"{path} already holds a saved model; pass overwrite=True")
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        save_file(state, str(path / WEIGHTS))
-        config = dict(model=type(self).__name__, cellvi_version=__version__, settings=self.settings,
+        config = dict(model=type(self).__name__, settings=self.settings,
                       train_settings=self.train_settings, var_names=self.var_names,
                       categories=self.categories, history=self.history,
                       **{k: getattr(self, k) for k in self._extra_state})
-        (path / CONFIG).write_text(json.dumps(config, indent=1, default=_json_default))
+        save_folder(Path(path), self.module.state_dict(), config, overwrite)
 
     @classmethod
     def load(cls, path: str | Path, adata: AnnData | None = None, *,
              device: str | torch.device = "auto"):
         """Load a model saved with :meth:`save`.
+
+        Everything is checked before the model is built: the folder's files, every field of
+        ``config.json`` (required fields, sane bounds) and the shapes in the weights' header
+        against the settings; a damaged or tampered folder raises
+        :class:`cellvi.errors.ModelFileError` and allocates nothing large.
 
         Args:
             adata: if given, checked against the model's features and batch categories
@@ -216,34 +223,21 @@ class Model(ABC):
         from safetensors.torch import load_file
 
         path = Path(path)
-        if not (path / CONFIG).exists() or not (path / WEIGHTS).exists():
-            raise FileNotFoundError(f"{path} does not hold a saved cellvi model ({CONFIG}, {WEIGHTS})")
-        try:
-            config = json.loads((path / CONFIG).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path / CONFIG} is not valid JSON ({err}); the folder is damaged") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{path / CONFIG} does not hold a cellvi model's settings")
-        missing = [k for k in _REQUIRED if k not in config]
-        if missing:
-            raise ValueError(f"{path / CONFIG} lacks {missing}; it was not written by cellvi's save()")
-        if config["model"] != cls.__name__:
-            raise ValueError(f"{path} holds a {config['model']} model, not {cls.__name__}")
+        config = read_config(path, cls.__name__)
+        where = str(path / CONFIG)
+        settings = check_settings(config, cls._schema, where)
         self = cls.__new__(cls)
+        self._check_saved(config, where)
         extra = {k: config[k] for k in (*cls._extra_state, "history", "train_settings") if k in config}
-        self._setup(config["settings"], config["var_names"], config["categories"], **extra)
-        self.device = resolve_device(device)
+        with torch.device("meta"):  # shapes only: no memory, whatever the settings ask for
+            self._setup(settings, config["var_names"], config["categories"], **extra)
+        expected = {k: tuple(v.shape) for k, v in self.module.state_dict().items()}
+        check_shapes(expected, header_shapes(path / WEIGHTS), path / WEIGHTS)
+        self.module = self._build()
         self.module.load_state_dict(load_file(str(path / WEIGHTS)))
+        self.device = resolve_device(device)
         self.module.to(self.device).eval()
         if adata is not None:
             self._check_features(adata)
             encode_covariates(adata, as_batch_keys(self.settings["batch_keys"]), self.categories)
         return self
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)

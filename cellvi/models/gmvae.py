@@ -20,6 +20,7 @@ from .._settings import seeded
 from ..data import ContinuousData, check_finite, prepare_continuous, select_markers
 from ..decoders import ContinuousDecoder
 from ..device import DeviceData, DeviceMatrix
+from ..errors import ModelFileError
 from ..posteriors import GaussianEncoder
 from ..priors import MixturePrior
 from ..vae import MixtureVAE
@@ -33,6 +34,7 @@ from ._gmvae_phases import (
     merge_and_tune,
     warm_up,
 )
+from ._persist import choice, flag, integer, number, text, texts
 
 __all__ = ["GMVAE", "GMVAEOutput", "GMVAESchedule", "DISCOVERY_COMPONENTS"]
 
@@ -59,6 +61,19 @@ class GMVAEOutput:
     def confidence(self) -> np.ndarray:
         """The largest cluster probability of each cell."""
         return self.probs.max(1).astype(np.float32)
+
+
+#: the settings of a saved GMVAE and their sane bounds (checked by ``load`` before building)
+_SCHEMA = dict(
+    layer=(text(optional=True), ...), batch_keys=(texts(max_len=64), ...),
+    n_components=(integer(1, 100_000), ...), n_start=(integer(1, 100_000), ...),
+    discover=(flag, ...), n_latent=(integer(1, 4096), ...),
+    likelihood=(choice("normal", "studentt"), ...), prune=(flag, ...),
+    sparsity=(number(0.0, 1.0, optional=True), ...), prune_threshold=(number(0.0, 1.0), ...),
+    merge_threshold=(number(0.0, 1e6), ...), n_hidden=(integer(1, 16384), ...),
+    n_layers=(integer(1, 64), ...), dropout=(number(0.0, 1.0), ...),
+    norm=(choice("batch", "layer", None), ...), n_clusters=(integer(1, 100_000, optional=True), None),
+)
 
 
 class GMVAE(Model):
@@ -101,6 +116,24 @@ class GMVAE(Model):
 
     _extra_state = ("center", "scale", "cluster_order", "merges")
     _state_defaults = {"merges": []}  # saved by cellvi 0.1.0 before merges were recorded
+    _schema = _SCHEMA
+
+    def _check_saved(self, config: dict[str, Any], where: str) -> None:
+        n, n_start = len(config["var_names"]), config["settings"]["n_start"]
+        for key in ("center", "scale"):
+            values = config.get(key)
+            if not isinstance(values, list) or len(values) != n or any(
+                    number(-1e30, 1e30)(v) for v in values):
+                raise ModelFileError(f"{where}: '{key}' must be {n} finite numbers, one per marker")
+        if any(v <= 0 for v in config["scale"]):
+            raise ModelFileError(f"{where}: 'scale' must be positive")
+        order = config.get("cluster_order")
+        if (not isinstance(order, list) or not order or len(set(order)) != len(order)
+                or any(integer(0, n_start - 1)(c) for c in order)):
+            raise ModelFileError(f"{where}: 'cluster_order' must list distinct components "
+                                 f"0..{n_start - 1}")
+        if not isinstance(config.get("merges", []), list):
+            raise ModelFileError(f"{where}: 'merges' must be a list")
 
     def __init__(
         self,

@@ -12,13 +12,14 @@ from anndata import AnnData
 
 from .._settings import seeded
 from ..data import CountData, check_var_names, prepare_counts
-from ..decoders import CountDecoder
+from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
 from ..posteriors import GaussianEncoder
 from ..priors import StandardNormal
 from ..train import train
 from ..vae import VAE
 from ._base import Model, positive_int
+from ._persist import choice, integer, number, text, texts
 
 __all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios"]
 
@@ -52,6 +53,16 @@ class NBVAEOutput:
         self.latent = latent
 
 
+#: the settings of a saved NBVAE and their sane bounds (checked by ``load`` before building)
+_SCHEMA = dict(
+    layer=(text(optional=True), ...), batch_keys=(texts(max_len=64), ...),
+    n_latent=(integer(1, 4096), ...), likelihood=(choice(*LIKELIHOODS), ...),
+    dispersion=(choice(*DISPERSIONS), ...), n_hidden=(integer(1, 16384), ...),
+    n_layers=(integer(1, 64), ...), dropout=(number(0.0, 1.0), ...),
+    norm=(choice("batch", "layer", None), ...), input_scale=(number(1e-12, 1e15, optional=True), None),
+)
+
+
 class NBVAE(Model):
     """Negative-binomial VAE for scRNA-seq counts, with batch correction.
 
@@ -79,6 +90,8 @@ class NBVAE(Model):
         >>> model.fit()
         >>> adata.obsm["X_nbvae"] = model.transform(adata).latent
     """
+
+    _schema = _SCHEMA
 
     def __init__(
         self,
