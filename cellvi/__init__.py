@@ -24,12 +24,14 @@ import logging
 __version__ = "0.1.0"
 
 _SUBMODULES = (
+    "checkpoint",
     "clustering",
     "data",
     "datasets",
     "decoders",
     "device",
     "distributions",
+    "errors",
     "io",
     "metrics",
     "models",

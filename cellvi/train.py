@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._settings import seeded
+from .checkpoint import Checkpointer
 from .device import DeviceData
 from .objectives import ELBO, LinearWarmup
 
@@ -64,6 +65,8 @@ class TrainConfig:
             global RNG state.
         verbose: show a progress bar (also off when stderr is not a terminal).
         desc: the progress bar's label.
+        nan_retries: when a step's loss is NaN or infinite, roll back to the start of the
+            epoch, divide the learning rate by 10 and retry, at most this many times in a run.
     """
 
     max_epochs: int | None = None
@@ -80,6 +83,7 @@ class TrainConfig:
     seed: int | None = 0
     verbose: bool = True
     desc: str = "training"
+    nan_retries: int = 3
 
     def __post_init__(self):
         if not self.kl_weight > 0:
@@ -92,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if not (_is_int(self.nan_retries) and self.nan_retries >= 0):
+            raise ValueError(f"nan_retries must be a non-negative integer, got {self.nan_retries!r}")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -134,7 +140,7 @@ def _as_callbacks(callbacks) -> list[Callback]:
     return out
 
 HISTORY_KEYS = ("epoch", "train_elbo", "validation_elbo", "beta", "reconstruction", "kl",
-                "validation_reconstruction", "validation_kl")
+                "validation_reconstruction", "validation_kl", "lr")
 
 
 @torch.no_grad()
@@ -162,6 +168,7 @@ def train(
     *,
     objective: ELBO | None = None,
     callbacks: Sequence[Callback | Callable[[int, dict], None]] = (),
+    checkpoint: Checkpointer | None = None,
 ) -> dict[str, list[float]]:
     """Train a :class:`cellvi.vae.VAE` on device-resident ``data``.
 
@@ -173,15 +180,20 @@ def train(
             schedule, when given, replaces the linear KL warm-up of ``config``.
         callbacks: :class:`Callback` objects (or functions ``f(epoch, history)``, called
             after each epoch's steps and before validation), in order.
+        checkpoint: save the run's state every ``checkpoint.every`` epochs and at the end,
+            and with ``checkpoint.resume`` continue from a saved state
+            (:class:`cellvi.checkpoint.Checkpointer`); the result is the same as without
+            the interruption.
 
     Returns:
         The history, one entry per epoch: ``epoch``; ``train_elbo`` (mini-batch average of
         the objective optimised, β-weighted during the warm-up), ``reconstruction`` and
         ``kl`` (its parts, per cell, unweighted); ``validation_elbo`` (β = 1),
-        ``validation_reconstruction``, ``validation_kl``; ``beta``.
+        ``validation_reconstruction``, ``validation_kl``; ``beta``; ``lr``.
 
     Raises:
-        TrainingDiverged: when the loss becomes NaN or infinite.
+        TrainingDiverged: when the loss stays NaN or infinite after ``nan_retries``
+            roll-backs with a lower learning rate.
     """
     cfg = config or TrainConfig()
     objective = objective or ELBO()
@@ -200,44 +212,92 @@ def train(
         schedule = LinearWarmup(warmup, end=float(cfg.kl_weight))
     use_val = cfg.early_stopping and len(val_idx) > 0
     optimizer = _adam(module, cfg.lr, cfg.weight_decay)
-    history: dict[str, list[float]] = {key: [] for key in HISTORY_KEYS}
-    best, best_state, bad_epochs, step = -math.inf, None, 0, 0
+    run = dict(history={key: [] for key in HISTORY_KEYS}, epoch=-1, step=0, best=-math.inf,
+               bad_epochs=0, retries=0, finished=False)
+    best_state = None
 
     with seeded(cfg.seed, device):
+        restored = checkpoint.load(module, optimizer) if checkpoint is not None else None
+        if restored is not None:
+            saved, best_state = restored
+            run.update((k, saved[k]) for k in run)
+        history = run["history"]
         module.train()
-        bar = tqdm(range(max_epochs), desc=cfg.desc, disable=None if cfg.verbose else True,
-                   leave=False)
+        bar = tqdm(range(run["epoch"] + 1, max_epochs if not run["finished"] else 0),
+                   desc=cfg.desc, disable=None if cfg.verbose else True, leave=False)
         for epoch in bar:
-            for callback in callbacks:
-                callback.on_epoch_start(epoch)
-            batches = torch.split(train_idx[torch.randperm(len(train_idx))], batch_size)
-            train_terms, step = _epoch(module, data, batches[:steps_per_epoch], objective,
-                                       optimizer, schedule, step, epoch, cfg)
+            train_terms = _epoch_with_rollback(module, data, train_idx, batch_size,
+                                               steps_per_epoch, objective, optimizer, schedule,
+                                               run, epoch, cfg, callbacks)
             for callback in callbacks:
                 callback.on_epoch_end(epoch, history)
             val = (evaluate(module, data, val_idx, objective=objective) if len(val_idx)
                    else dict(elbo=math.nan, reconstruction=math.nan, kl=math.nan))
-            for key, value in (("epoch", epoch), ("beta", schedule(step)), *train_terms.items(),
+            for key, value in (("epoch", epoch), ("beta", schedule(run["step"])),
+                               ("lr", optimizer.param_groups[0]["lr"]), *train_terms.items(),
                                *((f"validation_{k}", v) for k, v in val.items())):
                 history[key].append(value)
             for callback in callbacks:
                 callback.on_validation_end(epoch, history)
             bar.set_postfix(train_elbo=f"{train_terms['train_elbo']:.4g}",
                             val_elbo=f"{val['elbo']:.4g}")
-            if use_val and schedule.done(step):
-                if val["elbo"] > best + cfg.min_delta:
-                    best, bad_epochs = val["elbo"], 0
+            run["epoch"] = epoch
+            stop = False
+            if use_val and schedule.done(run["step"]):
+                if val["elbo"] > run["best"] + cfg.min_delta:
+                    run["best"], run["bad_epochs"] = val["elbo"], 0
                     best_state = copy.deepcopy(module.state_dict())
                 else:
-                    bad_epochs += 1
-                    if bad_epochs >= cfg.patience:
-                        logger.info("early stopping at epoch %d (best validation ELBO %.4g)", epoch, best)
-                        break
+                    run["bad_epochs"] += 1
+                    stop = run["bad_epochs"] >= cfg.patience
+                    if stop:
+                        logger.info("early stopping at epoch %d (best validation ELBO %.4g)",
+                                    epoch, run["best"])
+            if stop:
+                break
+            if checkpoint is not None and checkpoint.due(epoch):
+                checkpoint.save(module, optimizer, run, best_state)
         bar.close()
-    if best_state is not None:
-        module.load_state_dict(best_state)
+        if best_state is not None and not run["finished"]:
+            module.load_state_dict(best_state)
+        if checkpoint is not None and not run["finished"]:
+            run["finished"] = True
+            checkpoint.save(module, optimizer, run, None)
     module.eval()
     return history
+
+
+def _epoch_with_rollback(module, data, train_idx, batch_size, steps_per_epoch, objective,
+                         optimizer, schedule, run, epoch, cfg, callbacks) -> dict[str, float]:
+    """One epoch; a NaN/inf loss rolls the module and optimiser back to the epoch's start
+    with a 10x lower learning rate (at most ``cfg.nan_retries`` times per run)."""
+    snapshot = None
+    if cfg.nan_retries > run["retries"]:
+        snapshot = (copy.deepcopy(module.state_dict()), copy.deepcopy(optimizer.state_dict()),
+                    run["step"])
+    while True:
+        for callback in callbacks:
+            callback.on_epoch_start(epoch)
+        batches = torch.split(train_idx[torch.randperm(len(train_idx))], batch_size)
+        try:
+            terms, run["step"] = _epoch(module, data, batches[:steps_per_epoch], objective,
+                                        optimizer, schedule, run["step"], epoch, cfg)
+            return terms
+        except _NonFinite as bad:
+            lr = optimizer.param_groups[0]["lr"]
+            if snapshot is None:
+                _diverged(epoch, bad.step, lr, run["retries"])
+            module.load_state_dict(snapshot[0])
+            optimizer.load_state_dict(snapshot[1])
+            run["step"] = snapshot[2]
+            run["retries"] += 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr / 10
+            logger.warning("epoch %d, step %d: the loss is NaN or infinite; rolled back to the "
+                           "start of the epoch and lowered the learning rate to %g (retry %d of "
+                           "%d)", epoch, bad.step, lr / 10, run["retries"], cfg.nan_retries)
+            if cfg.nan_retries <= run["retries"]:
+                snapshot = None
 
 
 def _split(n_obs: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,10 +324,10 @@ def _epoch(module, data, batches, objective, optimizer, schedule, step, epoch, c
         seen += len(idx)
         step += 1
         if data.x.device.type == "cpu" and not math.isfinite(float(loss.detach())):
-            _diverged(epoch, step, cfg.lr)
+            raise _NonFinite(step)
     total, recon, kl_sum = (float(v) / max(1, seen) for v in sums)
     if not math.isfinite(total):
-        _diverged(epoch, step, cfg.lr)
+        raise _NonFinite(step)
     return dict(train_elbo=-total, reconstruction=recon, kl=kl_sum), step
 
 
@@ -284,9 +344,16 @@ def _adam(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam
         return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, eps=ADAM_EPS)
 
 
-def _diverged(epoch: int, step: int, lr: float) -> None:
+class _NonFinite(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
+def _diverged(epoch: int, step: int, lr: float, retries: int) -> None:
+    tried = f" after {retries} roll-backs to lower learning rates" if retries else ""
     raise TrainingDiverged(
-        f"training diverged (loss is NaN or infinite) at epoch {epoch}, step {step}. "
-        f"Try a smaller learning rate (lr={lr:g} now, e.g. lr={lr / 10:g}), check the input "
-        "for extreme values, or use a more robust likelihood."
+        f"training diverged (loss is NaN or infinite) at epoch {epoch}, step {step}{tried}. "
+        f"Likely causes: a learning rate too high (lr={lr:g} now; try lr={lr / 10:g}), extreme "
+        "values in the input (check it for outliers or untransformed channels), or a "
+        "likelihood that does not fit the data (e.g. likelihood='normal' on raw counts)."
     )

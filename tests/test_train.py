@@ -151,8 +151,38 @@ def test_early_stopping_stops_and_restores_best():
 
 
 def test_nan_guard_raises_clear_error():
-    with pytest.raises(TrainingDiverged, match="learning rate"):
+    with pytest.raises(TrainingDiverged, match="after 3 roll-backs.*Likely causes: a learning rate"):
         _run(objective=_Recording(nan_after=3), max_epochs=5, batch_size=32)
+    with pytest.raises(TrainingDiverged, match="step 4\\. Likely causes"):  # no retries asked
+        _run(objective=_Recording(nan_after=3), max_epochs=5, batch_size=32, nan_retries=0)
+
+
+class _OneBadStep(ELBO):
+    """The ELBO, with a NaN loss at one optimiser call (an injected fault)."""
+
+    def __init__(self, at):
+        super().__init__()
+        object.__setattr__(self, "calls", [0])
+        object.__setattr__(self, "at", at)
+
+    def loss(self, module, batch, beta, n_obs):
+        self.calls[0] += 1
+        loss, log_px, kl = super().loss(module, batch, beta, n_obs)
+        return (loss * math.nan if self.calls[0] == self.at else loss), log_px, kl
+
+
+def test_a_nan_batch_rolls_back_lowers_the_learning_rate_and_training_goes_on(caplog):
+    module = _Toy()
+    with caplog.at_level("WARNING", logger="cellvi"):
+        hist = _run(module, _OneBadStep(at=13), max_epochs=6, batch_size=32, lr=0.05,
+                    kl_warmup_steps=0, early_stopping=False)
+    assert "rolled back" in caplog.text and "lowered the learning rate to 0.005" in caplog.text
+    assert hist["epoch"] == list(range(6)) and np.isfinite(hist["train_elbo"]).all()
+    assert hist["lr"][0] == 0.05 and hist["lr"][-1] == pytest.approx(0.005)
+    assert np.isfinite(module.w.detach().numpy()).all()
+    # 180 training cells in batches of 32: 6 steps an epoch, so the fault hit epoch 2, which
+    # was redone from its start at the lower rate
+    assert hist["lr"][:2] == [0.05, 0.05] and hist["lr"][2] == pytest.approx(0.005)
 
 
 def test_train_is_seeded_and_leaves_global_rng_alone():

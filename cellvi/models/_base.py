@@ -16,6 +16,8 @@ building anything.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import numbers
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -26,8 +28,10 @@ import torch
 from anndata import AnnData
 
 from .._settings import resolve_device, seeded
+from ..checkpoint import Checkpointer
 from ..data import as_batch_keys, check_var_names, encode_covariates
 from ..device import DeviceData
+from ..errors import InvalidInputError
 from ..train import TrainConfig
 from ..vae import VAE
 from ._persist import (
@@ -141,6 +145,21 @@ class Model(ABC):
         self.device = dev
         self.module = self._build(seed).to(dev)
         return arrays, self._to_device(arrays, dev), seed
+
+    def _checkpointer(self, directory, every: int, resume: bool, data: DeviceData, seed: int,
+                      config: TrainConfig, **extra: Any) -> Checkpointer | None:
+        """A :class:`cellvi.checkpoint.Checkpointer` whose fingerprint ties it to this
+        model's settings, features, data size, seed and training settings."""
+        if directory is None:
+            if resume:
+                raise InvalidInputError("resume=True needs checkpoint_dir=<the folder of the "
+                                        "checkpoints to continue from>")
+            return None
+        names = hashlib.sha256("\n".join(self.var_names).encode()).hexdigest()[:16]
+        train = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("verbose", "desc")}
+        fingerprint = dict(model=type(self).__name__, settings=self.settings, var_names=names,
+                           n_obs=data.n_obs, seed=seed, train=train, **extra)
+        return Checkpointer(directory, every, bool(resume), fingerprint=fingerprint)
 
     def _train_config(self, *, seed: int, verbose: bool, **kwargs: Any) -> TrainConfig:
         unknown = sorted(set(kwargs) - set(TRAIN_KEYS))

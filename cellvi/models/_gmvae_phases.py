@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ..checkpoint import Checkpointer
 from ..clustering import group_moments, merge_components
 from ..data import ContinuousData
 from ..device import DeviceData
@@ -103,7 +104,7 @@ class _Run:
     schedule: GMVAESchedule
     rng: np.random.Generator
     callbacks: Sequence = ()
-    n_active: list[int] = field(default_factory=list)
+    checkpoint: Checkpointer | None = None
     probe: torch.Tensor | None = None
 
     def moments_rng(self) -> np.random.Generator:
@@ -114,10 +115,14 @@ class _Run:
     def mixture(self) -> MixturePrior:
         return self.model.module.prior
 
-    def train(self, objective: ELBO | None = None, with_mixture_step: bool = True, **changes):
+    def train(self, name: str, objective: ELBO | None = None, with_mixture_step: bool = True,
+              **changes):
+        """One training run of a phase (checkpointed as ``name``)."""
         callbacks = [self.mixture_step] if with_mixture_step else []
+        checkpoint = self.checkpoint.child(name) if self.checkpoint is not None else None
         return train(self.model.module, self.data, self.config.replace(**changes),
-                     objective=objective, callbacks=[*callbacks, *self.callbacks])
+                     objective=objective, callbacks=[*callbacks, *self.callbacks],
+                     checkpoint=checkpoint)
 
     def mixture_step(self, epoch: int, history: dict) -> None:
         """After each epoch: M-step for ``π`` on the probe's responsibilities (Dirichlet MAP),
@@ -131,13 +136,13 @@ class _Run:
             if dropped:
                 logger.info("epoch %d: pruned components %s, %d left", epoch, dropped,
                             mixture.n_active)
-        self.n_active.append(mixture.n_active)
+        history.setdefault("n_components", []).append(mixture.n_active)
 
 
 def warm_up(run: _Run, epochs: int, beta: float) -> dict:
     """Phase 1: train with a fixed ``N(0, I)`` prior and KL weight ``beta`` (no early stop)."""
     standard = StandardNormal(run.model.settings["n_latent"]).to(run.model.device)
-    return run.train(ELBO(beta=Constant(beta), prior=standard), with_mixture_step=False,
+    return run.train("warmup", ELBO(beta=Constant(beta), prior=standard), with_mixture_step=False,
                      max_epochs=epochs, early_stopping=False,
                      desc=f"{run.config.desc} warm-up")
 
@@ -162,7 +167,7 @@ def fit_mixture(run: _Run, sub: np.ndarray, epochs: int) -> dict:
     could be one batch only) for the ``π`` M-step and the merges."""
     size = min(len(sub), run.schedule.probe_cells)
     run.probe = torch.as_tensor(np.sort(run.rng.choice(sub, size=size, replace=False)))
-    return run.train(max_epochs=epochs)
+    return run.train("mixture", max_epochs=epochs)
 
 
 def merge_and_tune(run: _Run, epochs: int) -> list[tuple[str, dict]]:
@@ -184,7 +189,7 @@ def merge_and_tune(run: _Run, epochs: int) -> list[tuple[str, dict]]:
         logger.info("merging %d components into %d clusters", mixture.n_active, len(groups))
         _place_groups(run, probs, groups)
         tune_epochs = max(run.schedule.tune_min_epochs, epochs // run.schedule.tune_divisor)
-        phases.append(("merged", run.train(max_epochs=tune_epochs,
+        phases.append(("merged", run.train(f"merged-{merge_round}", max_epochs=tune_epochs,
                                            seed=run.config.seed + 1 + merge_round,
                                            desc=f"{run.config.desc} merged")))
     return phases
@@ -205,13 +210,16 @@ def _place_groups(run: _Run, probs: np.ndarray, groups: list[list[int]]) -> None
     mixture.active[n:] = False
 
 
-def _join_histories(phases: list[tuple[str, dict]], n_components: list[int]) -> dict[str, list]:
-    out: dict[str, list] = {key: [] for key in phases[0][1]}
-    out["phase"] = []
+def _join_histories(phases: list[tuple[str, dict]], n_start: int) -> dict[str, list]:
+    """One history over the phases: ``phase`` names each epoch's phase, ``n_components``
+    the active components after it (``n_start`` throughout the warm-up)."""
+    out: dict[str, list] = {key: [] for key in phases[0][1] if key != "n_components"}
+    out["phase"], out["n_components"] = [], []
     for name, hist in phases:
-        for key in hist:
-            out[key] += list(hist[key])
+        for key in out:
+            if key not in ("phase", "n_components"):
+                out[key] += list(hist[key])
         out["phase"] += [name] * len(hist["epoch"])
+        out["n_components"] += list(hist.get("n_components", [n_start] * len(hist["epoch"])))
     out["epoch"] = list(range(len(out["epoch"])))
-    out["n_components"] = list(n_components)
     return out

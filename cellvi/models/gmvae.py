@@ -246,6 +246,9 @@ class GMVAE(Model):
         device: str | torch.device = "auto",
         verbose: bool = True,
         callbacks: Sequence = (),
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
         **train_kwargs: Any,
     ) -> GMVAE:
         """Train in four phases: warm-up, initialisation, mixture, merge-and-tune.
@@ -262,6 +265,8 @@ class GMVAE(Model):
             schedule: the phases' budgets (:class:`GMVAESchedule`; default when ``None``).
             batch_size, lr, seed, device, verbose, callbacks: as in :meth:`NBVAE.fit`; the
                 callbacks run after each epoch of every phase, after the model's own.
+            checkpoint_dir, checkpoint_every, resume: as in :meth:`NBVAE.fit`; each phase
+                has its checkpoint, and a resumed fit replays the finished phases from theirs.
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`.
         """
         if init not in ("latent", "markers"):
@@ -282,14 +287,18 @@ class GMVAE(Model):
                                     **train_kwargs)
         warmup_epochs, max_epochs = schedule.epochs(data.n_obs, config.batch_size,
                                                     warmup_epochs, max_epochs)
-        run = _Run(self, arrays, data, config.replace(max_epochs=max_epochs), schedule,
-                   np.random.default_rng(seed), tuple(callbacks))
+        config = config.replace(max_epochs=max_epochs)
+        checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
+                                        config, warmup_epochs=warmup_epochs,
+                                        warmup_beta=warmup_beta, init=init, n_init=n_init,
+                                        schedule=dataclasses.asdict(schedule))
+        run = _Run(self, arrays, data, config, schedule, np.random.default_rng(seed),
+                   tuple(callbacks), checkpoint)
         phases = [("warmup", warm_up(run, warmup_epochs, warmup_beta))]
         sub = initialise(run, init, n_init)
         phases.append(("mixture", fit_mixture(run, sub, max_epochs)))
         phases += merge_and_tune(run, max_epochs)
-        n_warm = len(phases[0][1]["epoch"])
-        self.history = _join_histories(phases, [self.settings["n_start"]] * n_warm + run.n_active)
+        self.history = _join_histories(phases, self.settings["n_start"])
         self.settings["n_clusters"] = run.mixture.n_active
         self._order_clusters(data)
         self._finish_fit(max_epochs=max_epochs, warmup_epochs=warmup_epochs,

@@ -160,6 +160,9 @@ class NBVAE(Model):
         device: str | torch.device = "auto",
         verbose: bool = True,
         callbacks: Sequence = (),
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
         **train_kwargs: Any,
     ) -> NBVAE:
         """Train on the AnnData given at construction.
@@ -174,7 +177,12 @@ class NBVAE(Model):
             seed: makes the weights, split and training reproducible on the CPU.
             device: ``"auto"`` (CUDA, then MPS, then CPU), or a torch device.
             verbose: progress bar.
-            callbacks: ``callback(epoch, history)`` functions called after each epoch.
+            callbacks: ``callback(epoch, history)`` functions (or
+                :class:`cellvi.train.Callback` objects) called after each epoch.
+            checkpoint_dir: save the training state there every ``checkpoint_every``
+                epochs (atomically; :mod:`cellvi.checkpoint`).
+            resume: continue from the checkpoint in ``checkpoint_dir`` (same data and
+                settings): the result is the same as an uninterrupted fit.
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
@@ -182,7 +190,9 @@ class NBVAE(Model):
         config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
                                     batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                                     **train_kwargs)
-        self.history = train(self.module, data, config, callbacks=callbacks)
+        checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
+                                        config)
+        self.history = train(self.module, data, config, callbacks=callbacks, checkpoint=checkpoint)
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, seed=seed, device=str(self.device), **train_kwargs)
         return self
