@@ -17,6 +17,9 @@ class _Settings:
     """Package-wide defaults. Change them through ``cellvi.settings``."""
 
     device: str = "auto"
+    #: identical results for identical seeds on one machine at any thread count: fit and
+    #: transform then run on one thread with torch's deterministic algorithms (slower)
+    deterministic: bool = False
 
     @property
     def verbosity(self) -> int:
@@ -73,3 +76,23 @@ def seeded(seed: int | None, device: torch.device | None = None) -> Iterator[Non
             torch.manual_seed(seed)
         yield
 
+
+
+@contextlib.contextmanager
+def deterministic_block() -> Iterator[None]:
+    """With ``settings.deterministic``: one torch thread, one BLAS/OpenMP thread and torch's
+    deterministic algorithms inside the block, the caller's settings restored after."""
+    if not settings.deterministic:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)

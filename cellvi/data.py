@@ -16,6 +16,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .errors import InvalidInputError, InvalidTypeError, MissingKeyError
+
 logger = logging.getLogger("cellvi")
 
 __all__ = ["CountData", "ContinuousData", "prepare_continuous", "get_matrix", "check_finite", "check_counts", "encode_covariates",
@@ -54,23 +56,23 @@ def as_batch_keys(batch_key: str | Sequence[str] | None) -> list[str]:
 def get_matrix(adata: AnnData, layer: str | None = None):
     """The matrix in ``layer`` (or ``X``), after checking it can be read."""
     if not isinstance(adata, AnnData):
-        raise TypeError(f"expected an AnnData object, got {type(adata).__name__}")
+        raise InvalidTypeError(f"expected an AnnData object, got {type(adata).__name__}")
     if adata.isbacked:
-        raise ValueError(
+        raise InvalidInputError(
             "this AnnData is backed on disk (opened with backed='r'); load it into memory "
             "first with adata = adata.to_memory()"
         )
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"AnnData is empty ({adata.n_obs} cells x {adata.n_vars} features)")
+        raise InvalidInputError(f"AnnData is empty ({adata.n_obs} cells x {adata.n_vars} features)")
     if layer is None:
         if adata.X is None:
-            raise ValueError(
+            raise InvalidInputError(
                 "adata.X is None. Pass layer='<name>' with the raw counts "
                 f"(layers here: {list(adata.layers.keys()) or 'none'})"
             )
         return adata.X
     if layer not in adata.layers:
-        raise KeyError(
+        raise MissingKeyError(
             f"layer {layer!r} is not in adata.layers (available: "
             f"{list(adata.layers.keys()) or 'none'}); use layer=None to read adata.X"
         )
@@ -87,10 +89,10 @@ def _values(X) -> np.ndarray:
 def check_finite(X, where: str) -> None:
     vals = _values(X)
     if not np.issubdtype(vals.dtype, np.number):
-        raise TypeError(f"{where} holds non-numeric values ({vals.dtype})")
+        raise InvalidTypeError(f"{where} holds non-numeric values ({vals.dtype})")
     bad = ~np.isfinite(vals)
     if bad.any():
-        raise ValueError(
+        raise InvalidInputError(
             f"{where} contains {int(bad.sum())} NaN or infinite values; remove or impute "
             "them before fitting"
         )
@@ -100,7 +102,7 @@ def check_counts(X, where: str) -> None:
     """Non-negative integers, no empty cells (error); empty genes (warning)."""
     vals = _values(X)
     if (vals < 0).any():
-        raise ValueError(
+        raise InvalidInputError(
             f"{where} has negative values ({int((vals < 0).sum())}), but a count likelihood "
             "needs raw counts. If the raw counts are in a layer, pass layer='counts' (or its "
             "name); otherwise use likelihood='normal' models for continuous data."
@@ -108,7 +110,7 @@ def check_counts(X, where: str) -> None:
     frac = vals != np.round(vals)
     if frac.any():
         hint = " the data look log-normalized (sc.pp.log1p)" if vals.max() < 20 else ""
-        raise ValueError(
+        raise InvalidInputError(
             f"{where} has {int(frac.sum())} non-integer values:{hint or ' not raw counts'}. "
             "A count likelihood needs raw integer counts: pass layer='counts' (keep raw counts "
             "with adata.layers['counts'] = adata.X.copy() before normalizing)."
@@ -116,7 +118,7 @@ def check_counts(X, where: str) -> None:
     totals = np.asarray(X.sum(axis=1)).ravel()
     empty = int((totals == 0).sum())
     if empty:
-        raise ValueError(
+        raise InvalidInputError(
             f"{empty} cells have zero total counts in {where}; remove them first, e.g. "
             "sc.pp.filter_cells(adata, min_counts=1)"
         )
@@ -147,20 +149,20 @@ def encode_covariates(
     codes, cats_out = [], {}
     for key in batch_keys:
         if key not in adata.obs.columns:
-            raise KeyError(
+            raise MissingKeyError(
                 f"batch key {key!r} is not a column of adata.obs (columns: "
                 f"{list(adata.obs.columns)[:20]})"
             )
         col = adata.obs[key]
         if col.isna().any():
-            raise ValueError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values; fill or drop them")
+            raise InvalidInputError(f"adata.obs[{key!r}] has {int(col.isna().sum())} missing values; fill or drop them")
         values = col.astype(str).to_numpy()
         if categories is None:
             counts = pd.Series(values).value_counts()
             cats = sorted(counts.index.tolist(), key=_natural_key)
             small = counts[counts < min_cells]
             if len(small):
-                raise ValueError(
+                raise InvalidInputError(
                     f"batch category {', '.join(map(repr, small.index[:5]))} of adata.obs[{key!r}] "
                     f"has fewer than {min_cells} cells; merge it with another category or drop "
                     "those cells"
@@ -169,7 +171,7 @@ def encode_covariates(
             cats = list(categories[key])
             unknown = sorted(set(values) - set(cats))
             if unknown:
-                raise ValueError(
+                raise InvalidInputError(
                     f"adata.obs[{key!r}] has categories the model was not trained on: "
                     f"{unknown[:10]} (trained on {cats})"
                 )
@@ -221,7 +223,7 @@ def check_unique_names(adata: AnnData) -> None:
     names = pd.Index(map(str, adata.var_names))
     if not names.is_unique:
         dup = names[names.duplicated()].unique().tolist()
-        raise ValueError(
+        raise InvalidInputError(
             f"adata.var_names has {len(dup)} duplicated names (e.g. {dup[:5]}); make them "
             "unique first with adata.var_names_make_unique()"
         )
@@ -235,11 +237,11 @@ def check_var_names(adata: AnnData, var_names: Sequence[str]) -> None:
     missing = [g for g in want if g not in set(have)]
     extra = [g for g in have if g not in set(want)]
     if not missing and not extra:
-        raise ValueError(
+        raise InvalidInputError(
             "adata has the model's genes in a different order; reorder with "
             "adata = adata[:, model.var_names].copy()"
         )
-    raise ValueError(
+    raise InvalidInputError(
         f"adata's genes do not match the model's: {len(missing)} of the model's "
         f"{len(want)} genes are missing (e.g. {missing[:5]}) and {len(extra)} are extra "
         f"(e.g. {extra[:5]}). Subset to the model's genes: adata[:, model.var_names]"
@@ -249,7 +251,7 @@ def check_var_names(adata: AnnData, var_names: Sequence[str]) -> None:
 def check_writable(adata: AnnData, copy: bool) -> None:
     """Refuse to write results into a view (it would silently turn into a copy)."""
     if adata.is_view and not copy:
-        raise ValueError(
+        raise InvalidInputError(
             "adata is a view of another AnnData; writing results would silently make it a "
             "copy. Pass copy=True, or make it an actual object first: adata = adata.copy()"
         )
@@ -285,11 +287,11 @@ def select_markers(adata: AnnData, markers: Sequence[str] | None) -> np.ndarray 
     names = pd.Index(map(str, adata.var_names))
     missing = [m for m in markers if m not in names]
     if missing:
-        raise KeyError(
+        raise MissingKeyError(
             f"markers {missing[:10]} are not in adata.var_names (available: {list(names)[:30]})"
         )
     if len(set(markers)) != len(markers):
-        raise ValueError("markers has duplicates")
+        raise InvalidInputError("markers has duplicates")
     return names.get_indexer(list(markers))
 
 
@@ -329,7 +331,7 @@ def _check_channels(X: np.ndarray, var_names: list[str], where: str) -> None:
     std = X.std(axis=0)
     constant = [v for v, s in zip(var_names, std, strict=True) if not s > 0]
     if constant:
-        raise ValueError(
+        raise InvalidInputError(
             f"channels {constant} of {where} are constant (every cell has the same value) and "
             "carry no information; leave them out with markers=[...] or "
             "adata = adata[:, [m for m in adata.var_names if m not in (...)]].copy()"

@@ -17,6 +17,7 @@ from .distributions import (
     Poisson,
     ZeroInflatedNegativeBinomial,
 )
+from .errors import InvalidInputError
 from .nn import MLP, CovariateEmbedding
 
 __all__ = ["Decoder", "CountDecoder", "ContinuousDecoder", "LIKELIHOODS", "CONTINUOUS_LIKELIHOODS",
@@ -79,11 +80,11 @@ class CountDecoder(Decoder):
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+            raise InvalidInputError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if dispersion not in DISPERSIONS:
-            raise ValueError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
+            raise InvalidInputError(f"dispersion must be one of {DISPERSIONS}, got {dispersion!r}")
         if dispersion == "gene-batch" and not n_cats_per_cov:
-            raise ValueError("dispersion='gene-batch' needs a batch covariate (batch_key=...)")
+            raise InvalidInputError("dispersion='gene-batch' needs a batch covariate (batch_key=...)")
         self.likelihood = likelihood
         self.dispersion = dispersion
         self.trunk = MLP(n_latent, n_hidden, n_layers, n_cats_per_cov, dropout, norm)
@@ -113,7 +114,7 @@ class CountDecoder(Decoder):
         log_library: torch.Tensor | None = None,
     ) -> NegativeBinomial | ZeroInflatedNegativeBinomial | Poisson:
         if log_library is None:
-            raise ValueError("a count decoder needs the cells' log library sizes (log_library)")
+            raise InvalidInputError("a count decoder needs the cells' log library sizes (log_library)")
         h = self.trunk(z, covs)
         log_mu = torch.log_softmax(self._logits(h, covs), dim=-1) + log_library
         if self.likelihood == "poisson":
@@ -156,7 +157,7 @@ class ContinuousDecoder(Decoder):
     ):
         super().__init__()
         if likelihood not in CONTINUOUS_LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {CONTINUOUS_LIKELIHOODS}, got {likelihood!r}")
+            raise InvalidInputError(f"likelihood must be one of {CONTINUOUS_LIKELIHOODS}, got {likelihood!r}")
         self.likelihood = likelihood
         self.min_scale = min_scale
         self.trunk = MLP(n_latent, n_hidden, n_layers, n_cats_per_cov, dropout, norm)

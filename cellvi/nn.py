@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InvalidInputError
+
 __all__ = ["CovariateEmbedding", "MLP", "SparseRows"]
 
 
@@ -59,7 +61,7 @@ class CovariateEmbedding(nn.Module):
         if not self.embeddings:
             return 0
         if covs is None:
-            raise ValueError("this network was built with covariates; pass their codes")
+            raise InvalidInputError("this network was built with covariates; pass their codes")
         out = self.embeddings[0](covs[..., 0])
         for i in range(1, len(self.embeddings)):
             out = out + self.embeddings[i](covs[..., i])
@@ -89,7 +91,7 @@ class MLP(nn.Module):
     ):
         super().__init__()
         if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+            raise InvalidInputError(f"n_layers must be >= 1, got {n_layers}")
         self.n_out = n_hidden
         self.linears = nn.ModuleList()
         self.covariates = nn.ModuleList()
@@ -104,7 +106,7 @@ class MLP(nn.Module):
             elif norm is None:
                 self.norms.append(nn.Identity())
             else:
-                raise ValueError(f"norm must be 'batch', 'layer' or None, got {norm!r}")
+                raise InvalidInputError(f"norm must be 'batch', 'layer' or None, got {norm!r}")
         self.activation = nn.ReLU()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 

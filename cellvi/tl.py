@@ -19,6 +19,7 @@ from anndata import AnnData
 from . import __version__
 from .clustering import group_medians
 from .data import check_writable, get_matrix, select_markers
+from .errors import InvalidTypeError
 from .models import GMVAE, NBVAE
 from .models._base import TRAIN_KEYS
 
@@ -35,7 +36,7 @@ _GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_in
 def _result_name(key_added: str, function: str) -> str:
     """The result's name; an obsm-style ``"X_name"`` (nbvae's old convention) still works."""
     if not isinstance(key_added, str) or not key_added:
-        raise TypeError(f"key_added must be a non-empty string, got {key_added!r}")
+        raise InvalidTypeError(f"key_added must be a non-empty string, got {key_added!r}")
     if key_added.startswith("X_"):
         name = key_added[2:]
         warnings.warn(
@@ -50,7 +51,7 @@ def _split_kwargs(kwargs: dict[str, Any], model_keys=_MODEL_KWARGS,
                   fit_keys=_FIT_KWARGS) -> tuple[dict[str, Any], dict[str, Any]]:
     unknown = set(kwargs) - set(model_keys) - set(fit_keys)
     if unknown:
-        raise TypeError(
+        raise InvalidTypeError(
             f"unknown argument(s) {sorted(unknown)}; model settings are {list(model_keys)}, "
             f"training settings are {list(fit_keys)}"
         )

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ._settings import seeded
 from .checkpoint import Checkpointer
 from .device import DeviceData
+from .errors import CellviError, InvalidInputError, InvalidTypeError
 from .objectives import ELBO, LinearWarmup
 
 logger = logging.getLogger("cellvi")
@@ -33,7 +34,7 @@ ADAM_EPS = 0.01  # as scvi-tools; damps steps of rarely-informed parameters
 __all__ = ["Callback", "TrainConfig", "TrainingDiverged", "default_max_epochs", "evaluate", "train"]
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(CellviError, FloatingPointError):
     """Raised when the loss or the gradients become NaN or infinite."""
 
 
@@ -87,17 +88,17 @@ class TrainConfig:
 
     def __post_init__(self):
         if not self.kl_weight > 0:
-            raise ValueError(f"kl_weight must be positive, got {self.kl_weight}")
+            raise InvalidInputError(f"kl_weight must be positive, got {self.kl_weight}")
         if self.max_epochs is not None and not (_is_int(self.max_epochs) and self.max_epochs >= 1):
-            raise ValueError(f"max_epochs must be a positive integer or None, got {self.max_epochs!r}")
+            raise InvalidInputError(f"max_epochs must be a positive integer or None, got {self.max_epochs!r}")
         if not (_is_int(self.batch_size) and self.batch_size >= 1):
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+            raise InvalidInputError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise InvalidInputError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+            raise InvalidInputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if not (_is_int(self.nan_retries) and self.nan_retries >= 0):
-            raise ValueError(f"nan_retries must be a non-negative integer, got {self.nan_retries!r}")
+            raise InvalidInputError(f"nan_retries must be a non-negative integer, got {self.nan_retries!r}")
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -135,7 +136,7 @@ def _as_callbacks(callbacks) -> list[Callback]:
         elif callable(cb):
             out.append(_FunctionCallback(cb))
         else:
-            raise TypeError(f"a callback must be a cellvi.train.Callback or a function "
+            raise InvalidTypeError(f"a callback must be a cellvi.train.Callback or a function "
                             f"f(epoch, history), got {type(cb).__name__}")
     return out
 

@@ -142,3 +142,23 @@ def test_model_and_training_kwargs_are_routed(small_adata):
     assert small_adata.uns["nbvae"]["settings"]["input_scale"] == 1e4
     assert m.train_settings["batch_size"] == 64 and m.train_settings["kl_warmup_steps"] == 5
     assert m.train_settings["kl_weight"] == 0.8 and m.history["beta"][-1] == pytest.approx(0.8)
+
+
+def test_deterministic_setting_gives_the_same_latent_at_any_thread_count(small_adata):
+    """cellvi.settings.deterministic: fit and transform on one thread with torch's
+    deterministic algorithms, so 1 and 2 threads give identical latents; the caller's thread
+    count and deterministic flag are restored."""
+    threads = torch.get_num_threads()
+    cellvi.settings.deterministic = True
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            a = cellvi.tl.nbvae(small_adata, layer="counts", batch_key="batch", max_epochs=3,
+                                copy=True, verbose=False)
+            out.append(a.obsm["X_nbvae"])
+            assert torch.get_num_threads() == n and not torch.are_deterministic_algorithms_enabled()
+        np.testing.assert_array_equal(out[0], out[1])
+    finally:
+        cellvi.settings.deterministic = False
+        torch.set_num_threads(threads)

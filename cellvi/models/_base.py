@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import numbers
 from abc import ABC, abstractmethod
@@ -27,11 +28,11 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .._settings import resolve_device, seeded
+from .._settings import deterministic_block, resolve_device, seeded
 from ..checkpoint import Checkpointer
 from ..data import as_batch_keys, check_var_names, encode_covariates
 from ..device import DeviceData
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, InvalidTypeError
 from ..train import TrainConfig
 from ..vae import VAE
 from ._persist import (
@@ -44,7 +45,7 @@ from ._persist import (
     save_folder,
 )
 
-__all__ = ["Model", "check_seed", "positive_int"]
+__all__ = ["Model", "check_seed", "check_trainable", "positive_int", "MIN_CELLS"]
 #: the keyword arguments of ``fit`` that go to :class:`cellvi.train.TrainConfig`
 TRAIN_KEYS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("seed", "verbose", "desc"))
 
@@ -52,15 +53,35 @@ TRAIN_KEYS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("see
 def check_seed(seed) -> int:
     """``seed`` as a non-negative int, or a clear error."""
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise TypeError(f"seed must be a non-negative integer (e.g. seed=0), got {seed!r}")
+        raise InvalidTypeError(f"seed must be a non-negative integer (e.g. seed=0), got {seed!r}")
     return int(seed)
+
+
+#: fewer cells than this cannot train a model (mini-batches and BatchNorm need several)
+MIN_CELLS = 10
+
+
+def check_trainable(n_obs: int) -> None:
+    if n_obs < MIN_CELLS:
+        raise InvalidInputError(
+            f"adata has {n_obs} cells, too few to train a model (cellvi needs at least "
+            f"{MIN_CELLS}); a trained model can still transform such small samples")
 
 
 def positive_int(name: str, value) -> int:
     """``value`` as a positive int, or a clear error naming the setting."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def deterministic(method):
+    """Run a model method inside :func:`cellvi._settings.deterministic_block`."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with deterministic_block():
+            return method(*args, **kwargs)
+    return wrapper
 
 
 class Model(ABC):
@@ -91,7 +112,7 @@ class Model(ABC):
             elif key in self._state_defaults:
                 setattr(self, key, copy.deepcopy(self._state_defaults[key]))
             else:
-                raise ValueError(f"the saved model lacks {key!r}; it was not written by cellvi's save()")
+                raise InvalidInputError(f"the saved model lacks {key!r}; it was not written by cellvi's save()")
         self.device = torch.device("cpu")
         self._data = data
         self.module = self._build()
@@ -164,7 +185,7 @@ class Model(ABC):
     def _train_config(self, *, seed: int, verbose: bool, **kwargs: Any) -> TrainConfig:
         unknown = sorted(set(kwargs) - set(TRAIN_KEYS))
         if unknown:
-            raise TypeError(f"unknown training setting(s) {unknown}; the settings are "
+            raise InvalidTypeError(f"unknown training setting(s) {unknown}; the settings are "
                             f"{list(TRAIN_KEYS)}")
         return TrainConfig(seed=seed, verbose=verbose, desc=type(self).__name__, **kwargs)
 
@@ -191,6 +212,7 @@ class Model(ABC):
         z = torch.cat(means).numpy().astype(np.float32)
         return (z, torch.cat(variances).numpy()) if with_var else z
 
+    @deterministic
     def get_latent(self, adata: AnnData, *, mean: bool = True, seed: int = 0,
                    batch_size: int = 4096) -> np.ndarray:
         """Latent representation of the cells of ``adata``.

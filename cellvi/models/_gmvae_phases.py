@@ -25,6 +25,7 @@ from ..checkpoint import Checkpointer
 from ..clustering import group_moments, merge_components
 from ..data import ContinuousData
 from ..device import DeviceData
+from ..errors import InvalidInputError
 from ..objectives import ELBO, Constant
 from ..priors import MixturePrior, StandardNormal
 from ..train import TrainConfig, default_max_epochs, train
@@ -70,11 +71,11 @@ class GMVAESchedule:
                      "tune_divisor", "tune_min_epochs"):
             positive_int(f"GMVAESchedule.{name}", getattr(self, name))
         if not (isinstance(self.merge_rounds, int) and self.merge_rounds >= 0):
-            raise ValueError(f"GMVAESchedule.merge_rounds must be >= 0, got {self.merge_rounds!r}")
+            raise InvalidInputError(f"GMVAESchedule.merge_rounds must be >= 0, got {self.merge_rounds!r}")
         for name in ("warmup_epochs", "mixture_epochs"):
             lo, hi = getattr(self, name)
             if not 1 <= lo <= hi:
-                raise ValueError(f"GMVAESchedule.{name} must be (low, high) with 1 <= low <= high")
+                raise InvalidInputError(f"GMVAESchedule.{name} must be (low, high) with 1 <= low <= high")
 
     def replace(self, **changes) -> GMVAESchedule:
         return dataclasses.replace(self, **changes)

@@ -20,11 +20,11 @@ from .._settings import seeded
 from ..data import ContinuousData, check_finite, prepare_continuous, select_markers
 from ..decoders import ContinuousDecoder
 from ..device import DeviceData, DeviceMatrix
-from ..errors import ModelFileError
+from ..errors import InvalidInputError, InvalidTypeError, ModelFileError
 from ..posteriors import GaussianEncoder
 from ..priors import MixturePrior
 from ..vae import MixtureVAE
-from ._base import Model, positive_int
+from ._base import Model, check_trainable, deterministic, positive_int
 from ._gmvae_phases import (
     GMVAESchedule,
     _join_histories,
@@ -156,10 +156,11 @@ class GMVAE(Model):
         norm: str | None = "batch",
     ):
         if likelihood not in ("normal", "studentt"):
-            raise ValueError(f"likelihood must be 'normal' or 'studentt', got {likelihood!r}")
+            raise InvalidInputError(f"likelihood must be 'normal' or 'studentt', got {likelihood!r}")
         n_latent, n_hidden = positive_int("n_latent", n_latent), positive_int("n_hidden", n_hidden)
         n_layers = positive_int("n_layers", n_layers)
         data = prepare_continuous(adata, layer, batch_key, markers=markers)
+        check_trainable(data.X.shape[0])
         k, n_start = _n_components(n_components, data.X.shape[0], overcluster)
         prune = (n_components is None) if prune is None else bool(prune)
         if sparsity is None and prune:
@@ -231,6 +232,7 @@ class GMVAE(Model):
         select_markers(adata, self.var_names)
 
     # -- training -----------------------------------------------------------------------
+    @deterministic
     def fit(
         self,
         *,
@@ -270,14 +272,14 @@ class GMVAE(Model):
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`.
         """
         if init not in ("latent", "markers"):
-            raise ValueError(f"init must be 'latent' or 'markers', got {init!r}")
+            raise InvalidInputError(f"init must be 'latent' or 'markers', got {init!r}")
         n_init = positive_int("n_init", n_init)
         schedule = schedule or GMVAESchedule()
         if not isinstance(schedule, GMVAESchedule):
-            raise TypeError(f"schedule must be a cellvi.models.GMVAESchedule, got {type(schedule).__name__}")
+            raise InvalidTypeError(f"schedule must be a cellvi.models.GMVAESchedule, got {type(schedule).__name__}")
         s = self.settings
         if not s["discover"] and s["n_start"] > s["n_components"] and schedule.merge_rounds < 1:
-            raise ValueError(
+            raise InvalidInputError(
                 f"schedule.merge_rounds=0 cannot merge the {s['n_start']} starting components "
                 f"down to n_components={s['n_components']}; use merge_rounds >= 1, or "
                 "overcluster=False to train exactly n_components components")
@@ -327,6 +329,7 @@ class GMVAE(Model):
         self._require_trained()
         return len(self.cluster_order)
 
+    @deterministic
     def transform(self, adata: AnnData, *, batch_size: int = 4096) -> GMVAEOutput:
         """Latent, cluster labels and probabilities for the cells of ``adata`` (the training
         data or another sample measured with the same panel and known batch categories)."""
@@ -369,7 +372,7 @@ def _n_components(n_components: int | None, n_obs: int, overcluster: bool) -> tu
         return k, k
     k = positive_int("n_components", n_components)
     if k > n_obs:
-        raise ValueError(
+        raise InvalidInputError(
             f"n_components={n_components} is larger than the number of cells ({n_obs}); "
             "use fewer components, or n_components=None to let the model find them"
         )

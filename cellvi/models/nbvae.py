@@ -14,11 +14,12 @@ from .._settings import seeded
 from ..data import CountData, check_var_names, prepare_counts
 from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
+from ..errors import InvalidInputError, MissingKeyError
 from ..posteriors import GaussianEncoder
 from ..priors import StandardNormal
 from ..train import train
 from ..vae import VAE
-from ._base import Model, positive_int
+from ._base import Model, check_trainable, deterministic, positive_int
 from ._persist import choice, integer, number, text, texts
 
 __all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios"]
@@ -111,10 +112,11 @@ class NBVAE(Model):
         n_latent, n_hidden = positive_int("n_latent", n_latent), positive_int("n_hidden", n_hidden)
         n_layers = positive_int("n_layers", n_layers)
         data = prepare_counts(adata, layer, batch_key)
+        check_trainable(data.X.shape[0])
         if isinstance(input_scale, str) and input_scale == "median":
             input_scale = float(np.median(np.exp(data.log_library.astype(np.float64))))
         if input_scale is not None and (isinstance(input_scale, str) or not input_scale > 0):
-            raise ValueError(f"input_scale must be a positive number, 'median' or None, "
+            raise InvalidInputError(f"input_scale must be a positive number, 'median' or None, "
                              f"got {input_scale!r}")
         settings: dict[str, Any] = dict(
             layer=layer, batch_keys=data.batch_keys, n_latent=n_latent, likelihood=likelihood,
@@ -149,6 +151,7 @@ class NBVAE(Model):
                               categories=self.categories, check=False)
 
     # -- training -----------------------------------------------------------------------
+    @deterministic
     def fit(
         self,
         *,
@@ -198,10 +201,12 @@ class NBVAE(Model):
         return self
 
     # -- inference ----------------------------------------------------------------------
+    @deterministic
     def transform(self, adata: AnnData, *, batch_size: int = 4096) -> NBVAEOutput:
         """The batch-corrected latent (posterior means) of the cells of ``adata``."""
         return NBVAEOutput(self.get_latent(adata, batch_size=batch_size))
 
+    @deterministic
     @torch.no_grad()
     def get_normalized_expression(
         self,
@@ -242,16 +247,16 @@ class NBVAE(Model):
             return None
         keys = self.settings["batch_keys"]
         if not keys:
-            raise ValueError("transform_batch needs a model trained with batch_key")
+            raise InvalidInputError("transform_batch needs a model trained with batch_key")
         if not isinstance(transform_batch, dict):
             transform_batch = {keys[0]: transform_batch}
         codes = {}
         for key, cat in transform_batch.items():
             if key not in keys:
-                raise KeyError(f"{key!r} is not one of the model's batch keys {keys}")
+                raise MissingKeyError(f"{key!r} is not one of the model's batch keys {keys}")
             cats = self.categories[key]
             if str(cat) not in cats:
-                raise ValueError(f"transform_batch: {cat!r} is not a category of {key!r} ({cats})")
+                raise InvalidInputError(f"transform_batch: {cat!r} is not a category of {key!r} ({cats})")
             codes[keys.index(key)] = cats.index(str(cat))
         return codes
 
