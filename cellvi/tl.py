@@ -26,7 +26,8 @@ from .models._base import TRAIN_KEYS
 __all__ = ["nbvae", "gmvae"]
 
 _MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm", "input_scale")
-_FIT_KWARGS = tuple(k for k in TRAIN_KEYS if k != "max_epochs") + ("callbacks",)
+_FIT_KWARGS = tuple(k for k in TRAIN_KEYS if k != "max_epochs") + (
+    "callbacks", "objective", "checkpoint_dir", "checkpoint_every", "resume")
 
 _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
                        "overcluster", "n_hidden", "n_layers", "dropout", "norm")
@@ -99,6 +100,7 @@ def nbvae(
     seed: int = 0,
     device: str | torch.device = "auto",
     key_added: str = "nbvae",
+    refine_steps: int = 0,
     copy: bool = False,
     return_model: bool = False,
     verbose: bool = True,
@@ -121,6 +123,9 @@ def nbvae(
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ...
         key_added: name of the result: the latent goes to ``obsm["X_" + key_added]``, the
             settings to ``uns[key_added]`` (``"X_name"``, the old form, still works).
+        refine_steps: semi-amortized inference for the written outputs: each cell's posterior
+            is refined by this many gradient steps on its own ELBO, starting from the
+            encoder's (:func:`cellvi.inference.refine`); ``0`` uses the encoder's.
         copy: return a new AnnData instead of writing into ``adata``.
         return_model: also return the trained :class:`cellvi.models.NBVAE`.
         verbose: progress bar.
@@ -153,13 +158,13 @@ def nbvae(
     model = NBVAE(adata, layer=layer, batch_key=batch_key, n_latent=n_latent,
                   likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
-    out = model.transform(adata)
+    out = model.transform(adata, refine_steps=refine_steps)
     if copy:
         adata = adata.copy()
     adata.obsm["X_" + name] = out.latent
     adata.uns[name] = _uns_safe(dict(
         settings=model.settings, train_settings=model.train_settings, history=model.history,
-        cellvi_version=__version__, seed=seed, obsm_key="X_" + name,
+        cellvi_version=__version__, seed=seed, obsm_key="X_" + name, refine_steps=refine_steps,
     ))
     if copy:
         return (adata, model) if return_model else adata
@@ -178,6 +183,7 @@ def gmvae(
     seed: int = 0,
     device: str | torch.device = "auto",
     key_added: str = "gmvae",
+    refine_steps: int = 0,
     copy: bool = False,
     return_model: bool = False,
     verbose: bool = True,
@@ -202,6 +208,9 @@ def gmvae(
         seed: reproducible on the CPU for a given seed; the global random state is untouched.
         device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ...
         key_added: name of the result (see Returns).
+        refine_steps: semi-amortized inference for the written outputs: each cell's posterior
+            is refined by this many gradient steps on its own ELBO, starting from the
+            encoder's (:func:`cellvi.inference.refine`); ``0`` uses the encoder's.
         copy: return a new AnnData instead of writing into ``adata``.
         return_model: also return the trained :class:`cellvi.models.GMVAE`.
         verbose: progress bar.
@@ -248,7 +257,7 @@ def gmvae(
     model = GMVAE(adata, layer=layer, batch_key=batch_key, n_components=n_components,
                   n_latent=n_latent, likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
-    out = model.transform(adata)
+    out = model.transform(adata, refine_steps=refine_steps)
     labels = out.labels
     X = get_matrix(adata, layer)[:, select_markers(adata, model.var_names)]
     X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
@@ -266,7 +275,7 @@ def gmvae(
         cluster_weights=params["weights"], cluster_means=params["means"],
         cluster_sizes=np.bincount(labels.codes, minlength=len(labels.categories)),
         markers=list(model.var_names), marker_medians=medians, merges=_merge_table(model.merges),
-        cellvi_version=__version__, seed=seed,
+        cellvi_version=__version__, seed=seed, refine_steps=refine_steps,
     ))
     if copy:
         return (adata, model) if return_model else adata

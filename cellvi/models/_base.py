@@ -33,6 +33,7 @@ from ..checkpoint import Checkpointer
 from ..data import as_batch_keys, check_var_names, encode_covariates
 from ..device import DeviceData
 from ..errors import InvalidInputError, InvalidTypeError
+from ..inference import elbo_per_cell, iwae_per_cell, refine
 from ..train import TrainConfig
 from ..vae import VAE
 from ._persist import (
@@ -212,22 +213,79 @@ class Model(ABC):
         z = torch.cat(means).numpy().astype(np.float32)
         return (z, torch.cat(variances).numpy()) if with_var else z
 
+    def _refined(self, batch, refine_steps: int):
+        """The posterior of a batch: the encoder's, or refined per cell (``refine_steps``)."""
+        if refine_steps:
+            return refine(self.module, batch, positive_int("refine_steps", refine_steps))
+        with torch.no_grad():
+            return self.module.encode(batch)
+
+    def _per_cell(self, adata: AnnData, fn, *, seed: int, batch_size: int) -> np.ndarray:
+        """``fn(batch)`` for every mini-batch of the cells of ``adata``, concatenated."""
+        self._require_trained()
+        data = self._to_device(self._prepare(adata), self.device)
+        self.module.eval()
+        out = []
+        with seeded(check_seed(seed), self.device):
+            for batch in data.iter_batches(torch.arange(data.n_obs), batch_size):
+                out.append(fn(batch).detach().cpu())
+        return torch.cat(out).numpy()
+
     @deterministic
     def get_latent(self, adata: AnnData, *, mean: bool = True, seed: int = 0,
-                   batch_size: int = 4096) -> np.ndarray:
+                   batch_size: int = 4096, refine_steps: int = 0) -> np.ndarray:
         """Latent representation of the cells of ``adata``.
 
         Args:
             mean: posterior means (default) or one sample from q(z|x).
-            seed: seed of the sample when ``mean=False``.
+            seed: seed of the sample when ``mean=False`` (and of the refinement).
             batch_size: cells per forward pass.
+            refine_steps: semi-amortized inference: start from the encoder's q(z|x) and take
+                this many gradient steps on each cell's own ELBO (:func:`cellvi.inference.refine`).
 
         Returns:
             ``float32`` array, cells x ``n_latent``.
         """
-        self._require_trained()
-        data = self._to_device(self._prepare(adata), self.device)
-        return self._encode(data, batch_size=batch_size, mean=mean, seed=check_seed(seed))
+        if not refine_steps:
+            self._require_trained()
+            data = self._to_device(self._prepare(adata), self.device)
+            return self._encode(data, batch_size=batch_size, mean=mean, seed=check_seed(seed))
+
+        def fn(batch):
+            q = self._refined(batch, refine_steps)
+            return q.mean if mean else q.sample()
+        return self._per_cell(adata, fn, seed=seed, batch_size=batch_size).astype(np.float32)
+
+    @deterministic
+    def elbo(self, adata: AnnData, *, refine_steps: int = 0, n_samples: int = 16, seed: int = 0,
+             batch_size: int = 1024) -> np.ndarray:
+        """The ELBO of each cell (nats), ``E_q[log p(x|z)] - KL(q(z|x) || p(z))``, Monte Carlo
+        over ``n_samples`` samples; with ``refine_steps``, of the per-cell refined posterior.
+
+        Returns:
+            ``float32`` array, one value per cell.
+        """
+        n_samples = positive_int("n_samples", n_samples)
+        return self._per_cell(
+            adata, lambda b: elbo_per_cell(self.module, b, self._refined(b, refine_steps), n_samples),
+            seed=seed, batch_size=batch_size).astype(np.float32)
+
+    @deterministic
+    def marginal_log_likelihood(self, adata: AnnData, *, n_samples: int = 1000,
+                                refine_steps: int = 0, seed: int = 0,
+                                batch_size: int = 256) -> np.ndarray:
+        """``log p(x)`` of each cell (nats), estimated by the importance-weighted bound with
+        ``n_samples`` samples of q(z|x) (refined first with ``refine_steps``) and the model's
+        actual prior (for the GMVAE the mixture, clusters summed out). A lower bound that
+        rises with ``n_samples``.
+
+        Returns:
+            ``float32`` array, one value per cell.
+        """
+        n_samples = positive_int("n_samples", n_samples)
+        return self._per_cell(
+            adata, lambda b: iwae_per_cell(self.module, b, n_samples, self._refined(b, refine_steps)),
+            seed=seed, batch_size=batch_size).astype(np.float32)
 
     # -- persistence --------------------------------------------------------------------
     #: name -> (check, default) of every setting (``...``: required); see ``_persist.py``

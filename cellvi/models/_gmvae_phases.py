@@ -106,6 +106,7 @@ class _Run:
     rng: np.random.Generator
     callbacks: Sequence = ()
     checkpoint: Checkpointer | None = None
+    objective: ELBO | None = None
     probe: torch.Tensor | None = None
 
     def moments_rng(self) -> np.random.Generator:
@@ -122,7 +123,8 @@ class _Run:
         callbacks = [self.mixture_step] if with_mixture_step else []
         checkpoint = self.checkpoint.child(name) if self.checkpoint is not None else None
         return train(self.model.module, self.data, self.config.replace(**changes),
-                     objective=objective, callbacks=[*callbacks, *self.callbacks],
+                     objective=objective or self.objective,
+                     callbacks=[*callbacks, *self.callbacks],
                      checkpoint=checkpoint)
 
     def mixture_step(self, epoch: int, history: dict) -> None:

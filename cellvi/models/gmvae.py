@@ -21,6 +21,7 @@ from ..data import ContinuousData, check_finite, prepare_continuous, select_mark
 from ..decoders import ContinuousDecoder
 from ..device import DeviceData, DeviceMatrix
 from ..errors import InvalidInputError, InvalidTypeError, ModelFileError
+from ..objectives import ELBO, as_objective
 from ..posteriors import GaussianEncoder
 from ..priors import MixturePrior
 from ..vae import MixtureVAE
@@ -251,6 +252,7 @@ class GMVAE(Model):
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 1,
         resume: bool = False,
+        objective: str | ELBO = "elbo",
         **train_kwargs: Any,
     ) -> GMVAE:
         """Train in four phases: warm-up, initialisation, mixture, merge-and-tune.
@@ -269,6 +271,8 @@ class GMVAE(Model):
                 callbacks run after each epoch of every phase, after the model's own.
             checkpoint_dir, checkpoint_every, resume: as in :meth:`NBVAE.fit`; each phase
                 has its checkpoint, and a resumed fit replays the finished phases from theirs.
+            objective: as in :meth:`NBVAE.fit`, for the mixture and fine-tune phases (the
+                warm-up keeps its own).
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`.
         """
         if init not in ("latent", "markers"):
@@ -295,7 +299,7 @@ class GMVAE(Model):
                                         warmup_beta=warmup_beta, init=init, n_init=n_init,
                                         schedule=dataclasses.asdict(schedule))
         run = _Run(self, arrays, data, config, schedule, np.random.default_rng(seed),
-                   tuple(callbacks), checkpoint)
+                   tuple(callbacks), checkpoint, as_objective(objective))
         phases = [("warmup", warm_up(run, warmup_epochs, warmup_beta))]
         sub = initialise(run, init, n_init)
         phases.append(("mixture", fit_mixture(run, sub, max_epochs)))
@@ -305,7 +309,8 @@ class GMVAE(Model):
         self._order_clusters(data)
         self._finish_fit(max_epochs=max_epochs, warmup_epochs=warmup_epochs,
                          warmup_beta=warmup_beta, init=init, n_init=n_init,
-                         schedule=dataclasses.asdict(schedule), batch_size=batch_size, lr=lr,
+                         schedule=dataclasses.asdict(schedule), objective=repr(run.objective),
+                         batch_size=batch_size, lr=lr,
                          seed=seed, device=str(self.device), **train_kwargs)
         return self
 
@@ -330,13 +335,24 @@ class GMVAE(Model):
         return len(self.cluster_order)
 
     @deterministic
-    def transform(self, adata: AnnData, *, batch_size: int = 4096) -> GMVAEOutput:
+    def transform(self, adata: AnnData, *, batch_size: int = 4096,
+                  refine_steps: int = 0) -> GMVAEOutput:
         """Latent, cluster labels and probabilities for the cells of ``adata`` (the training
-        data or another sample measured with the same panel and known batch categories)."""
+        data or another sample measured with the same panel and known batch categories).
+        With ``refine_steps``, each cell's posterior is first refined on its own ELBO
+        (:func:`cellvi.inference.refine`) and the probabilities are taken at its mean."""
         self._require_trained()
-        data = self._to_device(self._prepare(adata), self.device)
-        latent = self._encode(data, batch_size=batch_size)
-        probs = self._responsibilities(data, torch.arange(data.n_obs), batch_size)
+        if refine_steps:
+            def fn(batch):
+                q = self._refined(batch, refine_steps)
+                return torch.cat([q.mean, self.module.prior.responsibilities(q.mean)], 1)
+            both = self._per_cell(adata, fn, seed=0, batch_size=batch_size)
+            latent = both[:, : self.settings["n_latent"]].astype(np.float32)
+            probs = both[:, self.settings["n_latent"]:]
+        else:
+            data = self._to_device(self._prepare(adata), self.device)
+            latent = self._encode(data, batch_size=batch_size)
+            probs = self._responsibilities(data, torch.arange(data.n_obs), batch_size)
         probs = probs[:, self.cluster_order].astype(np.float32)
         probs /= probs.sum(1, keepdims=True)
         categories = [str(i) for i in range(len(self.cluster_order))]

@@ -15,6 +15,7 @@ from ..data import CountData, check_var_names, prepare_counts
 from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
 from ..errors import InvalidInputError, MissingKeyError
+from ..objectives import ELBO, as_objective
 from ..posteriors import GaussianEncoder
 from ..priors import StandardNormal
 from ..train import train
@@ -166,6 +167,7 @@ class NBVAE(Model):
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 1,
         resume: bool = False,
+        objective: str | ELBO = "elbo",
         **train_kwargs: Any,
     ) -> NBVAE:
         """Train on the AnnData given at construction.
@@ -186,6 +188,8 @@ class NBVAE(Model):
                 epochs (atomically; :mod:`cellvi.checkpoint`).
             resume: continue from the checkpoint in ``checkpoint_dir`` (same data and
                 settings): the result is the same as an uninterrupted fit.
+            objective: ``"elbo"`` (default), ``"iwae"`` / ``"iwae<K>"`` (the importance-weighted
+                bound with 8 / K samples, :class:`cellvi.objectives.IWAE`) or an objective.
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
@@ -195,16 +199,20 @@ class NBVAE(Model):
                                     **train_kwargs)
         checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
                                         config)
-        self.history = train(self.module, data, config, callbacks=callbacks, checkpoint=checkpoint)
+        self.history = train(self.module, data, config, objective=as_objective(objective),
+                             callbacks=callbacks, checkpoint=checkpoint)
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
-                         kl_weight=kl_weight, seed=seed, device=str(self.device), **train_kwargs)
+                         kl_weight=kl_weight, seed=seed, device=str(self.device),
+                         objective=repr(as_objective(objective)), **train_kwargs)
         return self
 
     # -- inference ----------------------------------------------------------------------
     @deterministic
-    def transform(self, adata: AnnData, *, batch_size: int = 4096) -> NBVAEOutput:
-        """The batch-corrected latent (posterior means) of the cells of ``adata``."""
-        return NBVAEOutput(self.get_latent(adata, batch_size=batch_size))
+    def transform(self, adata: AnnData, *, batch_size: int = 4096,
+                  refine_steps: int = 0) -> NBVAEOutput:
+        """The batch-corrected latent (posterior means) of the cells of ``adata``; with
+        ``refine_steps``, of each cell's refined posterior (:meth:`get_latent`)."""
+        return NBVAEOutput(self.get_latent(adata, batch_size=batch_size, refine_steps=refine_steps))
 
     @deterministic
     @torch.no_grad()
