@@ -25,12 +25,14 @@ from .models._base import TRAIN_KEYS
 
 __all__ = ["nbvae", "gmvae"]
 
-_MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm", "input_scale")
+_MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm", "input_scale",
+                 "posterior", "n_flows")
 _FIT_KWARGS = tuple(k for k in TRAIN_KEYS if k != "max_epochs") + (
     "callbacks", "objective", "checkpoint_dir", "checkpoint_every", "resume")
 
 _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
-                       "overcluster", "n_hidden", "n_layers", "dropout", "norm")
+                       "overcluster", "n_hidden", "n_layers", "dropout", "norm", "posterior",
+                       "n_flows")
 _GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init", "schedule")
 
 

@@ -34,6 +34,7 @@ from ..data import as_batch_keys, check_var_names, encode_covariates
 from ..device import DeviceData
 from ..errors import InvalidInputError, InvalidTypeError
 from ..inference import elbo_per_cell, iwae_per_cell, refine
+from ..posteriors import POSTERIORS, GaussianEncoder, IAFEncoder
 from ..train import TrainConfig
 from ..vae import VAE
 from ._persist import (
@@ -83,6 +84,21 @@ def deterministic(method):
         with deterministic_block():
             return method(*args, **kwargs)
     return wrapper
+
+
+def _check_posterior(posterior: str, n_flows) -> tuple[str, int]:
+    if posterior not in POSTERIORS:
+        raise InvalidInputError(f"posterior must be one of {list(POSTERIORS)}, got {posterior!r}")
+    return posterior, positive_int("n_flows", n_flows)
+
+
+def make_encoder(n_in: int, s: dict[str, Any], n_cats: list[int]) -> GaussianEncoder:
+    """The encoder of a model's settings ``s`` (``posterior``: diagonal Gaussian or IAF)."""
+    kwargs = dict(n_hidden=s["n_hidden"], n_layers=s["n_layers"], n_cats_per_cov=n_cats,
+                  dropout=s["dropout"], norm=s["norm"])
+    if s.get("posterior", "normal") == "iaf":
+        return IAFEncoder(n_in, s["n_latent"], n_flows=s.get("n_flows", 2), **kwargs)
+    return GaussianEncoder(n_in, s["n_latent"], **kwargs)
 
 
 class Model(ABC):

@@ -22,10 +22,17 @@ from ..decoders import ContinuousDecoder
 from ..device import DeviceData, DeviceMatrix
 from ..errors import InvalidInputError, InvalidTypeError, ModelFileError
 from ..objectives import ELBO, as_objective
-from ..posteriors import GaussianEncoder
+from ..posteriors import POSTERIORS
 from ..priors import MixturePrior
 from ..vae import MixtureVAE
-from ._base import Model, check_trainable, deterministic, positive_int
+from ._base import (
+    Model,
+    _check_posterior,
+    check_trainable,
+    deterministic,
+    make_encoder,
+    positive_int,
+)
 from ._gmvae_phases import (
     GMVAESchedule,
     _join_histories,
@@ -74,6 +81,7 @@ _SCHEMA = dict(
     merge_threshold=(number(0.0, 1e6), ...), n_hidden=(integer(1, 16384), ...),
     n_layers=(integer(1, 64), ...), dropout=(number(0.0, 1.0), ...),
     norm=(choice("batch", "layer", None), ...), n_clusters=(integer(1, 100_000, optional=True), None),
+    posterior=(choice(*POSTERIORS), "normal"), n_flows=(integer(1, 32), 2),
 )
 
 
@@ -108,6 +116,9 @@ class GMVAE(Model):
         overcluster: with ``n_components=K``, train about ``3K`` components (at most 30) and
             merge them down to ``K`` (better optima than starting from ``K``).
         n_hidden, n_layers, dropout, norm: network settings.
+        posterior: ``"normal"`` (diagonal Gaussian, default) or ``"iaf"``: the Gaussian
+            followed by ``n_flows`` inverse autoregressive steps conditioned on the encoder
+            (:class:`cellvi.posteriors.IAFEncoder`), for skewed or correlated posteriors.
 
     Example:
         >>> model = cellvi.models.GMVAE(adata, layer="logicle", markers=markers)
@@ -155,11 +166,14 @@ class GMVAE(Model):
         n_layers: int = 2,
         dropout: float = 0.0,
         norm: str | None = "batch",
+        posterior: str = "normal",
+        n_flows: int = 2,
     ):
         if likelihood not in ("normal", "studentt"):
             raise InvalidInputError(f"likelihood must be 'normal' or 'studentt', got {likelihood!r}")
         n_latent, n_hidden = positive_int("n_latent", n_latent), positive_int("n_hidden", n_hidden)
         n_layers = positive_int("n_layers", n_layers)
+        posterior, n_flows = _check_posterior(posterior, n_flows)
         data = prepare_continuous(adata, layer, batch_key, markers=markers)
         check_trainable(data.X.shape[0])
         k, n_start = _n_components(n_components, data.X.shape[0], overcluster)
@@ -173,6 +187,7 @@ class GMVAE(Model):
             prune_threshold=float(0.002 if prune_threshold is None else prune_threshold),
             merge_threshold=float(merge_threshold),
             n_hidden=n_hidden, n_layers=n_layers, dropout=float(dropout), norm=norm,
+            posterior=posterior, n_flows=n_flows,
         )
         self._setup(settings, data.var_names, data.categories, data,
                     center=data.X.mean(0).astype(float).tolist(),
@@ -184,9 +199,7 @@ class GMVAE(Model):
         n_cats = [len(self.categories[k]) for k in s["batch_keys"]]
         n_features = len(self.var_names)
         with seeded(seed):
-            encoder = GaussianEncoder(n_features, s["n_latent"], n_hidden=s["n_hidden"],
-                                      n_layers=s["n_layers"], n_cats_per_cov=n_cats,
-                                      dropout=s["dropout"], norm=s["norm"])
+            encoder = make_encoder(n_features, s, n_cats)
             decoder = ContinuousDecoder(s["n_latent"], n_features, likelihood=s["likelihood"],
                                         n_hidden=s["n_hidden"], n_layers=s["n_layers"],
                                         n_cats_per_cov=n_cats, norm=s["norm"])

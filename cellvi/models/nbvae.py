@@ -16,11 +16,18 @@ from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
 from ..errors import InvalidInputError, MissingKeyError
 from ..objectives import ELBO, as_objective
-from ..posteriors import GaussianEncoder
+from ..posteriors import POSTERIORS
 from ..priors import StandardNormal
 from ..train import train
 from ..vae import VAE
-from ._base import Model, check_trainable, deterministic, positive_int
+from ._base import (
+    Model,
+    _check_posterior,
+    check_trainable,
+    deterministic,
+    make_encoder,
+    positive_int,
+)
 from ._persist import choice, integer, number, text, texts
 
 __all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios"]
@@ -62,6 +69,7 @@ _SCHEMA = dict(
     dispersion=(choice(*DISPERSIONS), ...), n_hidden=(integer(1, 16384), ...),
     n_layers=(integer(1, 64), ...), dropout=(number(0.0, 1.0), ...),
     norm=(choice("batch", "layer", None), ...), input_scale=(number(1e-12, 1e15, optional=True), None),
+    posterior=(choice(*POSTERIORS), "normal"), n_flows=(integer(1, 32), 2),
 )
 
 
@@ -80,6 +88,9 @@ class NBVAE(Model):
         likelihood: ``"nb"``, ``"zinb"`` or ``"poisson"``.
         dispersion: ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"``.
         n_hidden, n_layers, dropout, norm: network settings.
+        posterior: ``"normal"`` (diagonal Gaussian, default) or ``"iaf"``: the Gaussian
+            followed by ``n_flows`` inverse autoregressive steps conditioned on the encoder
+            (:class:`cellvi.posteriors.IAFEncoder`), for skewed or correlated posteriors.
         input_scale: what the encoder sees. ``None`` (default): ``log1p`` of the counts as
             they are. A number: each cell scaled to that total first,
             ``log1p(x / library * input_scale)``, as ``normalize_total`` + ``log1p`` does;
@@ -109,9 +120,12 @@ class NBVAE(Model):
         dropout: float = 0.1,
         norm: str | None = "batch",
         input_scale: float | str | None = None,
+        posterior: str = "normal",
+        n_flows: int = 2,
     ):
         n_latent, n_hidden = positive_int("n_latent", n_latent), positive_int("n_hidden", n_hidden)
         n_layers = positive_int("n_layers", n_layers)
+        posterior, n_flows = _check_posterior(posterior, n_flows)
         data = prepare_counts(adata, layer, batch_key)
         check_trainable(data.X.shape[0])
         if isinstance(input_scale, str) and input_scale == "median":
@@ -124,6 +138,7 @@ class NBVAE(Model):
             dispersion=dispersion, n_hidden=n_hidden, n_layers=n_layers,
             dropout=float(dropout), norm=norm,
             input_scale=None if input_scale is None else float(input_scale),
+            posterior=posterior, n_flows=n_flows,
         )
         self._setup(settings, data.var_names, data.categories, data)
 
@@ -132,9 +147,7 @@ class NBVAE(Model):
         s = self.settings
         n_cats = [len(self.categories[k]) for k in s["batch_keys"]]
         with seeded(seed):
-            encoder = GaussianEncoder(len(self.var_names), s["n_latent"], n_hidden=s["n_hidden"],
-                                      n_layers=s["n_layers"], n_cats_per_cov=n_cats,
-                                      dropout=s["dropout"], norm=s["norm"])
+            encoder = make_encoder(len(self.var_names), s, n_cats)
             decoder = CountDecoder(s["n_latent"], len(self.var_names), likelihood=s["likelihood"],
                                    dispersion=s["dispersion"], n_hidden=s["n_hidden"],
                                    n_layers=s["n_layers"], n_cats_per_cov=n_cats, norm=s["norm"])
