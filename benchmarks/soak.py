@@ -262,11 +262,11 @@ def plot(path: Path, res: dict) -> None:
     import matplotlib.pyplot as plt
 
     poll = np.array(res["poll"]) if res["poll"] else np.zeros((0, 3))
-    fig, ax = plt.subplots(figsize=(11, 5))
+    rows = res["epochs"]
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(11, 8), height_ratios=(3, 2))
     if len(poll):
         ax.plot(poll[:, 0], poll[:, 1], lw=1.2, color="C0", label="RSS (polled)")
         ax.plot(poll[:, 0], poll[:, 2], lw=0.8, color="C2", alpha=0.7, label="RssAnon (polled)")
-    rows = res["epochs"]
     for i, r in enumerate(rows):
         ax.axvline(r["start_t"], color="grey", lw=0.6, ls=":",
                    label="epoch start" if i == 0 else None)
@@ -275,20 +275,30 @@ def plot(path: Path, res: dict) -> None:
     ends = [(r["start_t"] + r["seconds"], r["rss_end_mib"]) for r in rows]
     if ends:
         ax.plot(*zip(*ends, strict=True), "o", ms=4, color="C3", label="RSS at epoch end")
-    for s in res["phases"]:
+    for i, s in enumerate(res["phases"]):
+        ax.plot(s["t"], s["rss_mib"], "k.", ms=5)
         ax.annotate(s["event"], (s["t"], s["rss_mib"]), textcoords="offset points",
-                    xytext=(3, 6), fontsize=7, rotation=30)
-        ax.plot(s["t"], s["rss_mib"], "k.", ms=4)
-    if len(rows) > 1 and len(rows) <= 40:
+                    xytext=(4, -14 - 10 * (i % 3)), fontsize=7)
+    if 1 < len(rows) <= 40:
         for r in rows:
             ax.text(r["start_t"] + r["seconds"] / 2, 0.02, str(r["epoch"]),
                     transform=ax.get_xaxis_transform(), ha="center", fontsize=7, color="grey")
-    ax.set_xlabel("seconds since the start of the process")
+    ax.set_xlabel("seconds since the start of the process (grey numbers: epochs)")
     ax.set_ylabel("MiB")
     ax.set_ylim(bottom=0)
     ax.set_title(f"cellvi NBVAE soak: {res['n_cells']:,} cells x {res['n_genes']:,} genes, "
                  f"{res['n_epochs']} epochs, 1 thread")
     ax.legend(loc="lower right", fontsize=8)
+    epochs = [r["epoch"] for r in rows]
+    bx.plot(epochs, [r["rss_end_mib"] for r in rows], "o-", ms=3, color="C3",
+            label="RSS at epoch end")
+    bx.plot(epochs, [r["rss_steps_end_mib"] for r in rows], "s--", ms=2, lw=0.8, color="C0",
+            label="RSS after the steps (before validation)")
+    bx.plot(epochs, [r["peak_mib"] for r in rows], "^:", ms=2, lw=0.8, color="C1",
+            label="peak RSS in the epoch")
+    bx.set_xlabel("epoch")
+    bx.set_ylabel("MiB (zoomed)")
+    bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

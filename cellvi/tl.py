@@ -18,6 +18,7 @@ from anndata import AnnData
 
 from . import __version__
 from .clustering import group_medians
+from .diagnostics import outlier_scores
 from .data import check_writable, get_matrix, select_markers
 from .errors import InvalidTypeError
 from .models import GMVAE, NBVAE
@@ -142,12 +143,14 @@ def nbvae(
 
         - ``adata.obsm["X_" + key_added]`` (``"X_nbvae"``): ``float32`` cells x ``n_latent``,
           posterior means;
+        - ``adata.obs[key_added + "_outlier_score"]``: negative ELBO per cell as a robust
+          z-score within batch (:func:`cellvi.diagnostics.outlier_scores`; large = unusual);
         - ``adata.uns[key_added]`` (``"nbvae"``): ``settings``, ``train_settings``,
           ``history`` (per epoch: ``train_elbo``, ``reconstruction``, ``kl``,
           ``validation_elbo``, ``validation_reconstruction``, ``validation_kl``, ``beta``),
           ``cellvi_version``, ``seed``, ``obsm_key``.
 
-        ``X``, layers and obs are never modified.
+        ``X``, layers and existing obs columns are never modified.
 
     Example:
         >>> cellvi.tl.nbvae(adata, layer="counts", batch_key="donor")
@@ -161,9 +164,11 @@ def nbvae(
                   likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
     out = model.transform(adata, refine_steps=refine_steps)
+    outlier = outlier_scores(model, adata, seed=seed)
     if copy:
         adata = adata.copy()
     adata.obsm["X_" + name] = out.latent
+    adata.obs[name + "_outlier_score"] = outlier
     adata.uns[name] = _uns_safe(dict(
         settings=model.settings, train_settings=model.train_settings, history=model.history,
         cellvi_version=__version__, seed=seed, obsm_key="X_" + name, refine_steps=refine_steps,
@@ -230,6 +235,8 @@ def gmvae(
         - ``adata.obs[key_added]``: categorical cluster labels ``"0"``, ``"1"``, ...
           (ordered by size);
         - ``adata.obs[key_added + "_confidence"]``: the largest responsibility per cell;
+        - ``adata.obs[key_added + "_outlier_score"]``: negative ELBO per cell as a robust
+          z-score within batch (:func:`cellvi.diagnostics.outlier_scores`; large = unusual);
         - ``adata.obsm["X_" + key_added]``: ``float32`` latent posterior means;
         - ``adata.obsm[key_added + "_probs"]``: responsibilities, cells x clusters;
         - ``adata.uns[key_added]``: ``settings``, ``train_settings``, ``history``,
@@ -265,9 +272,11 @@ def gmvae(
     X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
     medians = pd.DataFrame(group_medians(X, labels.codes, len(labels.categories)),
                            index=list(labels.categories), columns=model.var_names)
+    outlier = outlier_scores(model, adata, seed=seed)
     if copy:
         adata = adata.copy()
     adata.obs[name] = pd.Categorical(labels, categories=labels.categories)
+    adata.obs[name + "_outlier_score"] = outlier
     adata.obs[name + "_confidence"] = out.confidence
     adata.obsm["X_" + name] = out.latent
     adata.obsm[name + "_probs"] = out.probs

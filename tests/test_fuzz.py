@@ -172,7 +172,8 @@ def _call(func, example, **fast):
     else:
         assert out is None
         written = adata
-        extra_obs = (name, name + "_confidence") if name == "gmvae" else ()
+        extra_obs = ((name, name + "_confidence") if name == "gmvae" else ()) + (
+            name + "_outlier_score",)
         extra_obsm = ("X_" + name, name + "_probs") if name == "gmvae" else ("X_" + name,)
         _assert_unchanged(adata, snap, extra_obsm, (name,), extra_obs)
     z = written.obsm["X_" + name]

@@ -61,13 +61,14 @@ def _snapshot(a):
             set(a.obsm.keys()), set(a.uns.keys()))
 
 
-def _assert_same(a, snap, new_obsm=(), new_uns=()):
+def _assert_same(a, snap, new_obsm=(), new_uns=(), new_obs=()):
     X, layers, obs, var, obsm, uns = snap
     assert (a.X != X).nnz == 0 if sp.issparse(X) else np.array_equal(a.X, X)
     assert layers.keys() == a.layers.keys()
     for k in layers:
         assert (a.layers[k] != layers[k]).nnz == 0
-    pd.testing.assert_frame_equal(a.obs, obs)
+    assert set(a.obs.columns) == set(obs.columns) | set(new_obs)
+    pd.testing.assert_frame_equal(a.obs[list(obs.columns)], obs)
     pd.testing.assert_frame_equal(a.var, var)
     assert set(a.obsm.keys()) == obsm | set(new_obsm)
     assert set(a.uns.keys()) == uns | set(new_uns)
@@ -85,7 +86,8 @@ def test_in_place_only_adds_documented_keys(small_adata):
     ret = cellvi.tl.nbvae(small_adata, layer="counts", batch_key="batch", max_epochs=2,
                           key_added="mine", verbose=False)
     assert ret is None
-    _assert_same(small_adata, snap, new_obsm={"X_mine"}, new_uns={"mine"})
+    _assert_same(small_adata, snap, new_obsm={"X_mine"}, new_uns={"mine"},
+                 new_obs={"mine_outlier_score"})
 
 
 def test_old_obsm_style_key_added_still_works_with_a_warning(small_adata):

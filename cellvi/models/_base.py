@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import math
 import numbers
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -32,7 +33,7 @@ from .._settings import deterministic_block, resolve_device, seeded
 from ..checkpoint import Checkpointer
 from ..data import as_batch_keys, check_var_names, encode_covariates
 from ..device import DeviceData
-from ..errors import InvalidInputError, InvalidTypeError
+from ..errors import InvalidInputError, InvalidTypeError, MissingKeyError
 from ..inference import elbo_per_cell, iwae_per_cell, refine
 from ..posteriors import POSTERIORS, GaussianEncoder, IAFEncoder
 from ..train import TrainConfig
@@ -302,6 +303,77 @@ class Model(ABC):
         return self._per_cell(
             adata, lambda b: iwae_per_cell(self.module, b, n_samples, self._refined(b, refine_steps)),
             seed=seed, batch_size=batch_size).astype(np.float32)
+
+    # -- generative side ----------------------------------------------------------------
+    def _to_input_units(self, x: np.ndarray) -> np.ndarray:
+        """Model-space values in the units of the input (the GMVAE standardises markers)."""
+        return x
+
+    def _prior_sample(self, n: int, cluster) -> torch.Tensor:
+        if cluster is not None:
+            raise InvalidInputError("cluster= needs a clustering model (GMVAE)")
+        return self.module.prior().sample((n,))
+
+    @deterministic
+    def posterior_predictive(self, adata: AnnData, *, n_samples: int = 1, seed: int = 0,
+                             batch_size: int = 1024) -> np.ndarray:
+        """Replicated data for the cells of ``adata``: ``z ~ q(z|x)``, then ``x_rep ~
+        p(x|z, s)`` with each cell's own batch (and library size), in the input's units.
+
+        Returns:
+            ``float32`` array, ``n_samples`` x cells x features (dense: subsample large data).
+        """
+        n_samples = positive_int("n_samples", n_samples)
+
+        def fn(batch):
+            with torch.no_grad():
+                z = self.module.encode(batch).sample((n_samples,))
+                return self.module.decode(z, batch).sample().transpose(0, 1)
+        out = self._per_cell(adata, fn, seed=seed, batch_size=batch_size).transpose(1, 0, 2)
+        return self._to_input_units(out).astype(np.float32)
+
+    @deterministic
+    def sample(self, n: int, *, batch: str | dict[str, str] | None = None, cluster=None,
+               library_size: float = 1e4, seed: int = 0) -> np.ndarray:
+        """``n`` new cells from the generative model: ``z`` from the prior (for the GMVAE
+        from cluster ``cluster``'s component when given), ``x ~ p(x|z, s)`` for batch
+        category ``batch`` (of the first batch key, or ``{key: category}``), with
+        ``library_size`` total counts for count models.
+
+        Returns:
+            ``float32`` array, ``n`` x features, in the input's units.
+        """
+        self._require_trained()
+        n = positive_int("n", n)
+        keys = self.settings["batch_keys"]
+        if keys and batch is None:
+            raise InvalidInputError(f"the model was trained with batch keys {keys}: pass "
+                                    f"batch=<a category of {keys[0]!r}> (or a dict per key)")
+        if not library_size > 0:
+            raise InvalidInputError(f"library_size must be positive, got {library_size!r}")
+        self.module.eval()
+        with torch.no_grad(), seeded(check_seed(seed), self.device):
+            fake = {"x": torch.zeros(n, len(self.var_names), device=self.device),
+                    "log_library": torch.full((n, 1), math.log(library_size), device=self.device)}
+            if keys:
+                codes = self._batch_codes(batch)
+                fake["covs"] = torch.tensor([codes] * n, dtype=torch.long, device=self.device)
+            z = self._prior_sample(n, cluster)
+            x = self.module.decode(z, fake).sample().cpu().numpy()
+        return self._to_input_units(x).astype(np.float32)
+
+    def _batch_codes(self, batch) -> list[int]:
+        keys = self.settings["batch_keys"]
+        wanted = batch if isinstance(batch, dict) else {keys[0]: batch}
+        codes = []
+        for key in keys:
+            if key not in wanted:
+                raise MissingKeyError(f"batch= gives no category for batch key {key!r}")
+            cats = self.categories[key]
+            if str(wanted[key]) not in cats:
+                raise InvalidInputError(f"{wanted[key]!r} is not a category of {key!r} ({cats})")
+            codes.append(cats.index(str(wanted[key])))
+        return codes
 
     # -- persistence --------------------------------------------------------------------
     #: name -> (check, default) of every setting (``...``: required); see ``_persist.py``

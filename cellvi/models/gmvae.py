@@ -232,6 +232,19 @@ class GMVAE(Model):
                 Xs -= shifts[d.covs[idx, j]]
         return Xs
 
+    def _to_input_units(self, x: np.ndarray) -> np.ndarray:
+        return x * np.asarray(self.scale, dtype=np.float32) + np.asarray(self.center, dtype=np.float32)
+
+    def _prior_sample(self, n: int, cluster) -> torch.Tensor:
+        prior = self.module.prior
+        if cluster is None:
+            return prior().sample((n,))
+        labels = [str(i) for i in range(len(self.cluster_order))]
+        if str(cluster) not in labels:
+            raise InvalidInputError(f"cluster={cluster!r} is not one of the labels {labels}")
+        c = self.cluster_order[int(cluster)]
+        return prior.loc[c] + prior.scale[c] * torch.randn(n, prior.n_latent, device=prior.loc.device)
+
     def _to_device(self, d: ContinuousData, device: torch.device) -> DeviceData:
         obs = {} if d.covs is None else {"covs": torch.as_tensor(d.covs, device=device)}
         return DeviceData(DeviceMatrix(self._standardize(d.X), device), obs, nonzeros=False)

@@ -1,0 +1,74 @@
+"""Model checking: posterior predictive checks that fail a wrong likelihood, generative
+samples, outlier scores that find planted impossible events."""
+
+import numpy as np
+import pytest
+
+import cellvi
+
+
+@pytest.fixture(scope="module")
+def overdispersed():
+    # NB counts with a small inverse dispersion: far more spread than a Poisson can give
+    return cellvi.datasets.synthetic_counts(400, 40, n_groups=3, n_batches=2, dispersion=2.0,
+                                            seed=7)
+
+
+@pytest.fixture(scope="module")
+def fits(overdispersed):
+    out = {}
+    for lik in ("nb", "poisson"):
+        out[lik] = cellvi.models.NBVAE(overdispersed, batch_key="batch", n_latent=4,
+                                       likelihood=lik).fit(max_epochs=30, batch_size=64,
+                                                           verbose=False)
+    return out
+
+
+def test_predictive_check_passes_nb_and_fails_poisson_on_overdispersed_counts(overdispersed, fits):
+    nb = cellvi.diagnostics.predictive_check(fits["nb"], overdispersed, n_samples=20)
+    po = cellvi.diagnostics.predictive_check(fits["poisson"], overdispersed, n_samples=20)
+    assert list(nb.index) == list(overdispersed.var_names)
+    # the NB's noise matches the data's; the Poisson's is several times too small
+    assert 0.6 < nb.attrs["median_pearson_ratio"] < 1.5
+    assert po.attrs["median_pearson_ratio"] > 4 * nb.attrs["median_pearson_ratio"]
+    # and the replicated variances: the Poisson model falls short of the observed spread
+    assert po.attrs["median_var_ratio"] > nb.attrs["median_var_ratio"]
+    assert nb.attrs["fraction_in_range"] > po.attrs["fraction_in_range"]
+
+
+def test_posterior_predictive_and_samples_have_the_data_shape(overdispersed, fits):
+    model = fits["nb"]
+    rep = model.posterior_predictive(overdispersed[:30].copy(), n_samples=3)
+    assert rep.shape == (3, 30, 40) and rep.dtype == np.float32
+    assert (rep >= 0).all() and (rep == np.round(rep)).all()
+    x = model.sample(50, batch="b1", library_size=2000, seed=1)
+    assert x.shape == (50, 40) and abs(x.sum(1).mean() - 2000) < 300
+    np.testing.assert_array_equal(x, model.sample(50, batch="b1", library_size=2000, seed=1))
+    with pytest.raises(ValueError, match="pass batch="):
+        model.sample(5)
+    with pytest.raises(ValueError, match="not a category"):
+        model.sample(5, batch="nope")
+
+
+def test_gmvae_samples_a_cluster_and_outliers_are_found():
+    from sklearn.metrics import roc_auc_score
+
+    cyto = cellvi.datasets.synthetic_cytometry(2000, 8, n_populations=4, seed=3)
+    # plant 5% events with shuffled markers: each marker from another random event
+    rng = np.random.default_rng(0)
+    bad = rng.random(cyto.n_obs) < 0.05
+    X = np.asarray(cyto.X, dtype=np.float32).copy()
+    for j in range(X.shape[1]):
+        X[bad, j] = X[rng.permutation(cyto.n_obs)[: bad.sum()], j]
+    cyto.X = X
+    out, model = cellvi.tl.gmvae(cyto, batch_key="batch", n_components=4, copy=True,
+                                 return_model=True, verbose=False, max_epochs=30)
+    score = out.obs["gmvae_outlier_score"].to_numpy()
+    assert score.dtype == np.float32 and np.isfinite(score).all()
+    assert roc_auc_score(bad, score) >= 0.9
+    members = out.obsm["X_gmvae"][out.obs["gmvae"] == "0"]
+    x0 = model.sample(200, cluster="0", batch=cyto.obs["batch"].cat.categories[0])
+    assert x0.shape == (200, 8)
+    with pytest.raises(ValueError, match="not one of the labels"):
+        model.sample(3, cluster="99", batch=cyto.obs["batch"].cat.categories[0])
+    assert len(members) > 0
