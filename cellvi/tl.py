@@ -18,8 +18,8 @@ from anndata import AnnData
 
 from . import __version__
 from .clustering import group_medians
-from .diagnostics import outlier_scores
 from .data import check_writable, get_matrix, select_markers
+from .diagnostics import outlier_scores
 from .errors import InvalidTypeError
 from .models import GMVAE, NBVAE
 from .models._base import TRAIN_KEYS
