@@ -356,6 +356,16 @@ def markdown(res: dict) -> str:
     L.append("")
     L.append("Peak RSS (`VmHWM`) was reset after the data were built, before fit, after every "
              "validation and before transform.")
+    first_start = min(s["t"] for s in res["callback_samples"] if s["event"] == "epoch_start")
+    setup = [p for p in res["poll"] if ph["before fit"]["t"] <= p[0] <= first_start]
+    if setup:
+        top = max(p[1] for p in setup)
+        L.append("")
+        L.append(f"Transient peaks: `NBVAE(adata, ...)` {ph['after NBVAE()']['hwm_mib']:,.0f} MiB "
+                 f"({ph['after NBVAE()']['hwm_mib'] - ph['after data']['rss_mib']:+,.0f} over "
+                 f"the data); the setup of fit before the first step (polled) {top:,.0f} MiB "
+                 f"({top - ph['before fit']['rss_mib']:+,.0f} over the RSS before fit). So epoch "
+                 f"1's *peak* below includes that setup; epochs 2.. do not.")
     L.append("")
     L.append("## Per epoch")
     L.append("")
