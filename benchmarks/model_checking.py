@@ -277,7 +277,8 @@ def write_markdown(res: dict, path: Path) -> None:
 
     for r in res["seeds"]:
         c = r["calls"]
-        tag = " (in progress: partial)" if r.get("partial") else ""
+        tag = (" (incomplete: the run had not finished this seed when the file was written)"
+               if r.get("partial") else "")
         L.append(f"## Seed {r['seed']}{tag}\n")
         L.append(f"Trained {r['n_epochs']} epochs in {r['train_s']:.1f} s.\n")
         L.append(f"| posterior | R | MLL IWAE-{K} | ELBO | approximation gap | amortization gap "
