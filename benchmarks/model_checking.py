@@ -219,6 +219,27 @@ def _summary(seeds: list[dict], refine_steps: list[int]) -> dict:
     return out
 
 
+def seed_rows(r: dict, Rs: list[int], amortized: str, refined: str) -> list[str]:
+    """The per-seed table rows (amortized, then one per refinement budget R)."""
+    c, rows = r.get("calls", {}), []
+    if "mll_amortized" in c and "elbo_amortized" in c:
+        rows.append(f"| {amortized} | 0 | {_pm(c['mll_amortized']['stats'])} | "
+                    f"{_pm(c['elbo_amortized']['stats'])} | – | – | 0 | "
+                    f"{c['mll_amortized']['seconds']:.1f} / {c['elbo_amortized']['seconds']:.1f}"
+                    " / – |")
+    for R in Rs:
+        dd = r.get("per_refine_steps", {}).get(str(R))
+        if dd is None:
+            continue
+        ag = dd["amortization_gap_call"]
+        rows.append(f"| {refined} | {R} | {_pm(dd['mll_refined']['stats'])} | "
+                    f"{_pm(dd['elbo_refined']['stats'])} | {_pm(ag['approximation_gap'])} | "
+                    f"{_pm(ag['amortization_gap'])} | {_fmt(dd.get('fraction_closed'))} | "
+                    f"{dd['mll_refined']['seconds']:.1f} / {dd['elbo_refined']['seconds']:.1f}"
+                    f" / {ag['seconds']:.1f} |")
+    return rows
+
+
 def write_markdown(res: dict, path: Path) -> None:
     a = res["args"]
     K, E, Rs = a["n_samples"], a["elbo_samples"], a["refine_steps"]
@@ -276,7 +297,6 @@ def write_markdown(res: dict, path: Path) -> None:
              "seed-to-seed).\n")
 
     for r in res["seeds"]:
-        c = r["calls"]
         tag = (" (incomplete: the run had not finished this seed when the file was written)"
                if r.get("partial") else "")
         L.append(f"## Seed {r['seed']}{tag}\n")
@@ -284,21 +304,7 @@ def write_markdown(res: dict, path: Path) -> None:
         L.append(f"| posterior | R | MLL IWAE-{K} | ELBO | approximation gap | amortization gap "
                  "(diagnostics) | fraction of gap closed | s (MLL / ELBO / gaps) |")
         L.append("|---|---|---|---|---|---|---|---|")
-        L.append(f"| diagonal, amortized | 0 | {_pm(c['mll_amortized']['stats'])} | "
-                 f"{_pm(c['elbo_amortized']['stats'])} | – | – | 0 | "
-                 f"{c['mll_amortized']['seconds']:.1f} / {c['elbo_amortized']['seconds']:.1f}"
-                 " / – |")
-        for R in Rs:
-            dd = r.get("per_refine_steps", {}).get(str(R))
-            if dd is None:
-                continue
-            ag = dd["amortization_gap_call"]
-            fc = dd.get("fraction_closed")
-            L.append(f"| diagonal, refined | {R} | {_pm(dd['mll_refined']['stats'])} | "
-                     f"{_pm(dd['elbo_refined']['stats'])} | {_pm(ag['approximation_gap'])} | "
-                     f"{_pm(ag['amortization_gap'])} | {_fmt(fc)} | "
-                     f"{dd['mll_refined']['seconds']:.1f} / {dd['elbo_refined']['seconds']:.1f}"
-                     f" / {ag['seconds']:.1f} |")
+        L += seed_rows(r, Rs, "diagonal, amortized", "diagonal, refined")
         L.append("")
         if "amortization_gap_before" in r:
             b = r["amortization_gap_before"]["stats"]

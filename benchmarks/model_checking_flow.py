@@ -236,29 +236,13 @@ def write_markdown(res: dict, path: Path) -> None:
              "seed-to-seed).\n")
 
     for r in res["seeds"]:
-        c = r.get("calls", {})
         tag = " (in progress: partial)" if r.get("partial") else ""
         L.append(f"## Seed {r['seed']}{tag}\n")
         L.append(f"Trained {r['n_epochs']} epochs in {r['train_s']:.1f} s.\n")
         L.append(f"| posterior | R | MLL IWAE-{K} | ELBO | approximation gap | amortization gap "
                  "(diagnostics) | fraction of gap closed | s (MLL / ELBO / gaps) |")
         L.append("|---|---|---|---|---|---|---|---|")
-        if "mll_amortized" in c and "elbo_amortized" in c:
-            L.append(f"| flow, amortized | 0 | {_pm(c['mll_amortized']['stats'])} | "
-                     f"{_pm(c['elbo_amortized']['stats'])} | – | – | 0 | "
-                     f"{c['mll_amortized']['seconds']:.1f} / "
-                     f"{c['elbo_amortized']['seconds']:.1f} / – |")
-        for R in Rs:
-            dd = r.get("per_refine_steps", {}).get(str(R))
-            if dd is None:
-                continue
-            ag = dd["amortization_gap_call"]
-            fc = dd.get("fraction_closed")
-            L.append(f"| flow → Gaussian, refined | {R} | {_pm(dd['mll_refined']['stats'])} | "
-                     f"{_pm(dd['elbo_refined']['stats'])} | {_pm(ag['approximation_gap'])} | "
-                     f"{_pm(ag['amortization_gap'])} | {_fmt(fc)} | "
-                     f"{dd['mll_refined']['seconds']:.1f} / {dd['elbo_refined']['seconds']:.1f}"
-                     f" / {ag['seconds']:.1f} |")
+        L += mc.seed_rows(r, Rs, "flow, amortized", "flow → Gaussian, refined")
         L.append("")
         if "amortization_gap_before" in r:
             b = r["amortization_gap_before"]["stats"]
