@@ -10,8 +10,9 @@ prior enters with ``c`` summed out.
 - :func:`iwae_per_cell`: the importance-weighted bound with ``K`` samples, in chunks so
   that ``K = 1,000`` fits in memory; it rises with ``K`` towards ``log p(x)``;
 - :func:`refine`: start from the encoder's ``q(z|x)`` and take gradient steps on each cell's
-  own mean and log-scale (the decoder fixed): the best Gaussian per cell, which measures
-  the amortization gap and gives semi-amortized posteriors.
+  own mean and log-scale (of the base Gaussian, for a flow posterior; the decoder fixed):
+  the best posterior of the family per cell, which measures the amortization gap and gives
+  semi-amortized posteriors.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch.distributions import Distribution, Independent, Normal
 
 from .objectives import kl, log_likelihood
+from .posteriors import FlowPosterior
 
 __all__ = ["elbo_per_cell", "iwae_per_cell", "log_weights", "refine"]
 
@@ -85,27 +87,37 @@ def iwae_per_cell(module, batch: dict, n_samples: int = 1000, qz: Distribution |
 
 
 def refine(module, batch: dict, steps: int, *, lr: float = 0.05, n_samples: int = 4,
-           qz: Distribution | None = None) -> Independent:
-    """Semi-amortized inference: each cell's Gaussian ``q(z|x)``, started at the encoder's
-    mean and scale (or ``qz``), optimised for ``steps`` Adam steps on its own Monte Carlo
-    ELBO (``n_samples`` samples a step) with the decoder and prior fixed. Cells do not
-    interact (the module runs in eval mode), so this is the per-cell optimum the encoder
-    amortizes.
+           qz: Distribution | None = None) -> Distribution:
+    """Semi-amortized inference: each cell's ``q(z|x)``, started at the encoder's (or
+    ``qz``), optimised for ``steps`` Adam steps on its own Monte Carlo ELBO (``n_samples``
+    samples a step) with the decoder and prior fixed. Cells do not interact (the module runs
+    in eval mode), so this is the per-cell optimum the encoder amortizes.
+
+    For a diagonal Gaussian, each cell's mean and log-scale are optimised. For a flow
+    posterior (:class:`cellvi.posteriors.FlowPosterior`), each cell's base Gaussian is
+    optimised and its flow steps, conditioned on the cell by the encoder, are kept: the
+    refined posterior stays in the flow family (a Gaussian fitted instead would throw the
+    flow's shape away).
     """
     with torch.no_grad():
         qz = module.encode(batch) if qz is None else qz
-        loc = qz.mean.detach().clone()
-        log_scale = qz.stddev.detach().clamp_min(1e-6).log()
+        base = qz.base_dist if isinstance(qz, FlowPosterior) else qz
+        loc = base.mean.detach().clone()
+        log_scale = base.stddev.detach().clamp_min(1e-6).log()
+
+    def build(loc, log_scale):
+        q = Independent(Normal(loc, log_scale.exp()), 1)
+        return qz.with_base(q) if isinstance(qz, FlowPosterior) else q
+
     if steps <= 0:
-        return Independent(Normal(loc, log_scale.exp()), 1)
+        return build(loc, log_scale)
     loc.requires_grad_(True)
     log_scale.requires_grad_(True)
     opt = torch.optim.Adam([loc, log_scale], lr=lr)
     with _frozen(module), torch.enable_grad():
         for _ in range(steps):
-            q = Independent(Normal(loc, log_scale.exp()), 1)
-            loss = -_elbo_samples(module, batch, q, n_samples).mean(0).sum()
+            loss = -_elbo_samples(module, batch, build(loc, log_scale), n_samples).mean(0).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return Independent(Normal(loc.detach(), log_scale.detach().exp()), 1)
+    return build(loc.detach(), log_scale.detach())

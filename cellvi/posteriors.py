@@ -144,6 +144,10 @@ class _IAFStep(Transform):
         _, gate = self.made(z, self.h)
         return F.logsigmoid(gate).sum(-1)
 
+    def detached(self) -> _IAFStep:
+        """The same step, its conditioning state cut from the encoder's graph (and cache)."""
+        return _IAFStep(self.made, self.h.detach())
+
 
 class FlowPosterior(TransformedDistribution):
     """A diagonal Gaussian pushed through conditioned IAF steps. ``mean`` is the image of
@@ -163,6 +167,11 @@ class FlowPosterior(TransformedDistribution):
     def variance(self) -> torch.Tensor:
         with torch.no_grad():
             return self.sample((64,)).var(0)
+
+    def with_base(self, base: Independent) -> FlowPosterior:
+        """The same conditioned flow steps on another base Gaussian (per-cell refinement),
+        cut from the encoder's graph."""
+        return FlowPosterior(base, [t.detached() for t in self.transforms])
 
 
 class IAFEncoder(GaussianEncoder):
