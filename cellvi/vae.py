@@ -106,8 +106,8 @@ class MixtureVAE(VAE):
     """VAE with a :class:`cellvi.priors.MixturePrior`: VaDE-style clustering.
 
     The ELBO is the VAE's, with ``log p(z)`` the mixture density (``c`` summed out exactly);
-    the cluster posterior ``q(c | x)`` is the prior's responsibilities ``p(c | z)`` at the
-    encoded ``z``. The training objective adds the prior's sparse Dirichlet on ``π``
+    the cluster posterior ``q(c | x)`` is the prior's responsibilities ``p(c | z)`` averaged
+    over ``z ~ q(z | x)`` (:meth:`cluster_posterior`). The training objective adds the prior's sparse Dirichlet on ``π``
     (:meth:`cellvi.priors.MixturePrior.log_hyperprior`).
     """
 
@@ -118,7 +118,15 @@ class MixtureVAE(VAE):
             raise TypeError(f"MixtureVAE needs a cellvi.priors.MixturePrior, got {type(prior).__name__}")
         super().__init__(encoder, decoder, prior, **kwargs)
 
-    def responsibilities(self, batch: dict[str, torch.Tensor], mean: bool = True) -> torch.Tensor:
-        """``q(c | x)``: responsibilities at the posterior mean (or at a sample) of ``z``."""
-        qz = self.encode(batch)
-        return self.prior.responsibilities(qz.mean if mean else qz.sample())
+    def responsibilities(self, batch: dict[str, torch.Tensor], n_samples: int = 0) -> torch.Tensor:
+        """``q(c | x)`` of the encoder's posterior (:meth:`cluster_posterior`)."""
+        return self.cluster_posterior(self.encode(batch), n_samples)
+
+    def cluster_posterior(self, qz: Distribution, n_samples: int = 0) -> torch.Tensor:
+        """``q(c | x) = E_{q(z|x)}[p(c | z)]`` averaged over ``n_samples`` draws of ``qz``;
+        ``n_samples=0``: ``p(c | z)`` at the posterior mean (what training's M-step uses).
+        The average carries the posterior's uncertainty about ``z`` into the probabilities,
+        which at the mean alone are over-confident for cells between clusters."""
+        if n_samples <= 0:
+            return self.prior.responsibilities(qz.mean)
+        return self.prior.responsibilities(qz.sample((n_samples,))).mean(0)

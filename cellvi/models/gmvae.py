@@ -48,6 +48,8 @@ __all__ = ["GMVAE", "GMVAEOutput", "GMVAESchedule", "DISCOVERY_COMPONENTS"]
 
 #: ``n_components=None`` (population discovery) starts from this many components
 DISCOVERY_COMPONENTS = 30
+#: posterior draws averaged into each cell's cluster probabilities (``transform(n_samples=)``)
+PROB_SAMPLES = 16
 
 
 @dataclass
@@ -58,7 +60,8 @@ class GMVAEOutput:
         latent: ``float32`` cells x ``n_latent`` posterior means.
         labels: categorical of ``"0"``, ``"1"``, ... (clusters ordered by size on the
             training cells).
-        probs: ``float32`` cells x clusters, ``q(c | x)``, columns in label order.
+        probs: ``float32`` cells x clusters, ``q(c | x)`` (posterior-averaged
+            responsibilities), columns in label order.
     """
 
     latent: np.ndarray
@@ -318,7 +321,8 @@ class GMVAE(Model):
         config = self._train_config(seed=seed, verbose=verbose, batch_size=batch_size, lr=lr,
                                     **train_kwargs)
         warmup_epochs, max_epochs = schedule.epochs(data.n_obs, config.batch_size,
-                                                    warmup_epochs, max_epochs)
+                                                    warmup_epochs, max_epochs,
+                                                    epoch_cells=config.epoch_cells)
         config = config.replace(max_epochs=max_epochs)
         checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
                                         config, warmup_epochs=warmup_epochs,
@@ -361,25 +365,27 @@ class GMVAE(Model):
         return len(self.cluster_order)
 
     @deterministic
-    def transform(self, adata: AnnData, *, batch_size: int = 4096,
-                  refine_steps: int = 0) -> GMVAEOutput:
+    def transform(self, adata: AnnData, *, batch_size: int = 4096, refine_steps: int = 0,
+                  n_samples: int = PROB_SAMPLES, seed: int = 0) -> GMVAEOutput:
         """Latent, cluster labels and probabilities for the cells of ``adata`` (the training
         data or another sample measured with the same panel and known batch categories).
-        With ``refine_steps``, each cell's posterior is first refined on its own ELBO
-        (:func:`cellvi.inference.refine`) and the probabilities are taken at its mean."""
+
+        The probabilities are ``q(c | x) = E_{q(z|x)}[p(c | z)]`` over ``n_samples`` seeded
+        draws of each cell's posterior (``0``: ``p(c | z)`` at the posterior mean, the v0.1
+        behaviour, more over-confident: ``docs/design.md``); labels are their argmax. With
+        ``refine_steps``, each cell's posterior is first refined on its own ELBO
+        (:func:`cellvi.inference.refine`)."""
         self._require_trained()
-        if refine_steps:
-            def fn(batch):
-                q = self._refined(batch, refine_steps)
-                return torch.cat([q.mean, self.module.prior.responsibilities(q.mean)], 1)
-            both = self._per_cell(adata, fn, seed=0, batch_size=batch_size)
-            latent = both[:, : self.settings["n_latent"]].astype(np.float32)
-            probs = both[:, self.settings["n_latent"]:]
-        else:
-            data = self._to_device(self._prepare(adata), self.device)
-            latent = self._encode(data, batch_size=batch_size)
-            probs = self._responsibilities(data, torch.arange(data.n_obs), batch_size)
-        probs = probs[:, self.cluster_order].astype(np.float32)
+        n_samples = int(n_samples)
+        if n_samples < 0:
+            raise InvalidInputError(f"n_samples must be 0 or more, got {n_samples}")
+
+        def fn(batch):
+            q = self._refined(batch, refine_steps)
+            return torch.cat([q.mean, self.module.cluster_posterior(q, n_samples)], 1)
+        both = self._per_cell(adata, fn, seed=seed, batch_size=batch_size)
+        latent = both[:, : self.settings["n_latent"]].astype(np.float32)
+        probs = both[:, self.settings["n_latent"]:][:, self.cluster_order].astype(np.float32)
         probs /= probs.sum(1, keepdims=True)
         categories = [str(i) for i in range(len(self.cluster_order))]
         labels = pd.Categorical.from_codes(probs.argmax(1), categories=categories)
