@@ -38,10 +38,22 @@ class TrainingDiverged(CellviError, FloatingPointError):
     """Raised when the loss or the gradients become NaN or infinite."""
 
 
+#: cells one epoch passes over at most (:attr:`TrainConfig.epoch_cells`): data larger than
+#: this train on random subsets, so that budgets stay in steps and cells seen
+EPOCH_CELLS = 100_000
+
+
+def epoch_size(n_train: int, epoch_cells: int | None = EPOCH_CELLS) -> int:
+    """Cells one epoch passes over: the training split, at most ``epoch_cells``."""
+    return n_train if epoch_cells is None else min(n_train, int(epoch_cells))
+
+
 def default_max_epochs(n_obs: int, batch_size: int = 512, target_steps: int = 6000,
-                       bounds: tuple[int, int] = (10, 400)) -> int:
-    """Epochs giving about ``target_steps`` optimiser steps, clipped to ``bounds``."""
-    steps_per_epoch = max(1, math.ceil(0.9 * n_obs / batch_size))
+                       bounds: tuple[int, int] = (10, 400),
+                       epoch_cells: int | None = EPOCH_CELLS) -> int:
+    """Epochs giving about ``target_steps`` optimiser steps, clipped to ``bounds``; an
+    epoch passes over the training split (90% of ``n_obs``), at most ``epoch_cells``."""
+    steps_per_epoch = max(1, math.ceil(epoch_size(math.ceil(0.9 * n_obs), epoch_cells) / batch_size))
     return int(np.clip(round(target_steps / steps_per_epoch), *bounds))
 
 
@@ -68,6 +80,12 @@ class TrainConfig:
         desc: the progress bar's label.
         nan_retries: when a step's loss is NaN or infinite, roll back to the start of the
             epoch, divide the learning rate by 10 and retry, at most this many times in a run.
+        epoch_cells: an epoch passes over at most this many cells, a fresh random subset of
+            the training split each time (``None``: always all of it). On large data this
+            keeps every budget counted in epochs (floors, patience, the GMVAE's M-step
+            cadence) a budget in steps and cells seen, so the cost stops growing with the
+            data; validation then uses a fixed random subset of at most ``epoch_cells // 9``
+            held-out cells. Data below about ``epoch_cells / 0.9`` cells train as before.
     """
 
     max_epochs: int | None = None
@@ -85,6 +103,7 @@ class TrainConfig:
     verbose: bool = True
     desc: str = "training"
     nan_retries: int = 3
+    epoch_cells: int | None = EPOCH_CELLS
 
     def __post_init__(self):
         if not self.kl_weight > 0:
@@ -97,6 +116,8 @@ class TrainConfig:
             raise InvalidInputError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.validation_fraction < 1:
             raise InvalidInputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.epoch_cells is not None and not (_is_int(self.epoch_cells) and self.epoch_cells >= 1):
+            raise InvalidInputError(f"epoch_cells must be a positive integer or None, got {self.epoch_cells!r}")
         if not (_is_int(self.nan_retries) and self.nan_retries >= 0):
             raise InvalidInputError(f"nan_retries must be a non-negative integer, got {self.nan_retries!r}")
 
@@ -202,9 +223,11 @@ def train(
     device = data.x.device
     val_idx, train_idx = _split(data.n_obs, cfg)
     batch_size = min(cfg.batch_size, len(train_idx))
+    n_epoch = epoch_size(len(train_idx), cfg.epoch_cells)
     # Drop a last batch smaller than 3 cells: BatchNorm cannot use it.
-    steps_per_epoch = max(1, len(train_idx) // batch_size + (len(train_idx) % batch_size >= 3))
-    max_epochs = cfg.max_epochs or default_max_epochs(data.n_obs, batch_size)
+    steps_per_epoch = max(1, n_epoch // batch_size + (n_epoch % batch_size >= 3))
+    max_epochs = cfg.max_epochs or default_max_epochs(data.n_obs, batch_size,
+                                                      epoch_cells=cfg.epoch_cells)
     schedule = objective.beta
     if schedule is None:  # the linear KL warm-up, by default a quarter of the steps (<= 2,000)
         warmup = cfg.kl_warmup_steps
@@ -303,10 +326,13 @@ def _epoch_with_rollback(module, data, train_idx, batch_size, steps_per_epoch, o
 
 def _split(n_obs: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded validation and training indices (on the CPU: the device gets each mini-batch's
-    indices asynchronously); no validation split below 20 cells."""
+    indices asynchronously); no validation split below 20 cells. With ``epoch_cells``, the
+    validation indices are a random subset of at most ``epoch_cells // 9`` of the held-out
+    cells (the others train no more than before: they stay out)."""
     perm = np.random.default_rng(cfg.seed).permutation(n_obs)
     n_val = int(round(cfg.validation_fraction * n_obs)) if n_obs >= 20 else 0
-    return torch.as_tensor(np.sort(perm[:n_val])), torch.as_tensor(perm[n_val:])
+    n_eval = n_val if cfg.epoch_cells is None else min(n_val, max(1, cfg.epoch_cells // 9))
+    return torch.as_tensor(np.sort(perm[:n_eval])), torch.as_tensor(perm[n_val:])
 
 
 def _epoch(module, data, batches, objective, optimizer, schedule, step, epoch, cfg):

@@ -200,3 +200,34 @@ def test_tiny_data_without_validation():
     assert all(math.isnan(v) for v in hist["validation_elbo"])
 
 
+
+
+def test_epoch_cells_caps_the_cells_an_epoch_sees():
+    from dataclasses import dataclass, field
+
+    import cellvi
+    from cellvi.objectives import ELBO
+    from cellvi.train import default_max_epochs
+
+    @dataclass(frozen=True)
+    class Counting(ELBO):
+        cells: list = field(default_factory=list)
+
+        def loss(self, module, batch, beta, n_obs):
+            if module.training:
+                self.cells.append(batch["x"].shape[0])
+            return super().loss(module, batch, beta, n_obs)
+
+    adata = cellvi.datasets.synthetic_counts(300, 30, n_groups=2, n_batches=1, seed=0)
+    counting = Counting()
+    model = cellvi.models.NBVAE(adata, n_latent=2, n_hidden=16)
+    model.fit(max_epochs=3, batch_size=20, epoch_cells=100, objective=counting, verbose=False,
+              early_stopping=False)
+    assert counting.cells == [20] * 15  # 3 epochs of 100 cells, not of the 270 training cells
+    assert len(model.history["epoch"]) == 3
+    # the default budget counts steps of the capped epoch: more epochs, the same steps
+    assert default_max_epochs(1_000_000, 512) == default_max_epochs(111_112, 512) == 31
+    assert default_max_epochs(1_000_000, 512, epoch_cells=None) == 10
+    assert default_max_epochs(50_000, 512) == default_max_epochs(50_000, 512, epoch_cells=None)
+    with pytest.raises(ValueError, match="epoch_cells"):
+        cellvi.train.TrainConfig(epoch_cells=0)

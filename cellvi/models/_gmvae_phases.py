@@ -28,7 +28,7 @@ from ..device import DeviceData
 from ..errors import InvalidInputError
 from ..objectives import ELBO, Constant
 from ..priors import MixturePrior, StandardNormal
-from ..train import TrainConfig, default_max_epochs, train
+from ..train import EPOCH_CELLS, TrainConfig, default_max_epochs, train
 from ._base import positive_int
 
 if TYPE_CHECKING:
@@ -81,16 +81,17 @@ class GMVAESchedule:
         return dataclasses.replace(self, **changes)
 
     def epochs(self, n_obs: int, batch_size: int, warmup_epochs: int | None,
-               max_epochs: int | None) -> tuple[int, int]:
-        """Epochs of the warm-up and of the mixture phase, unless given."""
+               max_epochs: int | None, epoch_cells: int | None = EPOCH_CELLS) -> tuple[int, int]:
+        """Epochs of the warm-up and of the mixture phase, unless given (an epoch: at most
+        ``epoch_cells`` cells, :class:`cellvi.train.TrainConfig`)."""
         if warmup_epochs is None:
             warmup_epochs = default_max_epochs(n_obs, batch_size, target_steps=self.warmup_steps,
-                                               bounds=self.warmup_epochs)
+                                               bounds=self.warmup_epochs, epoch_cells=epoch_cells)
             if max_epochs is not None:  # a short run asked for: a short warm-up too
                 warmup_epochs = min(warmup_epochs, max(1, max_epochs))
         if max_epochs is None:
             max_epochs = default_max_epochs(n_obs, batch_size, target_steps=self.mixture_steps,
-                                            bounds=self.mixture_epochs)
+                                            bounds=self.mixture_epochs, epoch_cells=epoch_cells)
         return warmup_epochs, max_epochs
 
 
