@@ -72,3 +72,34 @@ def test_gmvae_samples_a_cluster_and_outliers_are_found():
     with pytest.raises(ValueError, match="not one of the labels"):
         model.sample(3, cluster="99", batch=cyto.obs["batch"].cat.categories[0])
     assert len(members) > 0
+
+
+def test_doublet_scores_find_thinned_heterotypic_doublets():
+    import anndata as ad
+    import scipy.sparse as sp
+    from sklearn.metrics import roc_auc_score
+
+    real = cellvi.datasets.synthetic_counts(600, 100, n_groups=3, n_batches=2, seed=1)
+    X = real.X.toarray()
+    group = real.obs["group"].cat.codes.to_numpy()
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 600, 60)
+    second = np.array([rng.choice(np.flatnonzero(group != group[i])) for i in first])
+    doublets = rng.binomial((X[first] + X[second]).astype(int), 0.5).astype(np.float32)  # ~ real depth
+    adata = ad.AnnData(sp.csr_matrix(np.vstack([X, doublets])))
+    adata.var_names = real.var_names
+    adata.obs["batch"] = list(real.obs["batch"]) + list(real.obs["batch"].iloc[first])
+    before = adata.copy()
+    model = cellvi.models.NBVAE(adata, batch_key="batch", n_latent=5).fit(max_epochs=20,
+                                                                           verbose=False)
+    scores = cellvi.diagnostics.doublet_scores(model, adata)
+    truth = np.r_[np.zeros(600), np.ones(60)]
+    assert scores.shape == (660,) and scores.dtype == np.float32
+    assert 0 <= scores.min() and scores.max() <= 1
+    assert roc_auc_score(truth, scores) > 0.85
+    np.testing.assert_array_equal(scores, cellvi.diagnostics.doublet_scores(model, adata))  # seeded
+    assert (adata.X != before.X).nnz == 0 and adata.obs.equals(before.obs)  # input untouched
+    cyto = cellvi.datasets.synthetic_cytometry(200, 5, n_populations=2, seed=0)
+    gm = cellvi.models.GMVAE(cyto, n_components=2).fit(max_epochs=2, warmup_epochs=1, verbose=False)
+    with pytest.raises(TypeError, match="count model"):
+        cellvi.diagnostics.doublet_scores(gm, cyto)
