@@ -168,8 +168,14 @@ class MixturePrior(Prior):
         return GaussianMixture(self.log_weights, self.loc, self.scale)
 
     def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
-        """Cluster posterior ``p(c | z)``, shape ``(..., K)``; switched-off columns are 0."""
-        return self().responsibilities(z)
+        """Cluster posterior ``p(c | z)``, shape ``(..., K)``; switched-off columns are 0
+        (and not computed: after pruning, discovery keeps a few of its 30 components)."""
+        idx = torch.nonzero(self.active).flatten()
+        if len(idx) == self.n_components:
+            return self().responsibilities(z)
+        active = GaussianMixture(self.log_weights[idx], self.loc[idx], self.scale[idx])
+        out = z.new_zeros(*z.shape[:-1], self.n_components)
+        return out.index_copy_(-1, idx, active.responsibilities(z))
 
     def log_hyperprior(self, n_obs: int) -> torch.Tensor:
         """The sparse Dirichlet on ``π`` (:meth:`log_prior_weights`)."""

@@ -144,3 +144,21 @@ def test_elbo_with_c_summed_out_equals_pyro_trace_enum_elbo(n_particles):
     finally:
         torch.set_default_dtype(torch.float32)
         np.random.seed(None)
+
+
+def test_responsibilities_after_pruning_match_the_full_mixture():
+    import torch
+
+    from cellvi.priors import GaussianMixture, MixturePrior
+
+    torch.manual_seed(0)
+    prior = MixturePrior(4, 6)
+    with torch.no_grad():
+        prior.logits.copy_(torch.randn(6))
+        prior.active[[1, 4]] = False
+    z = torch.randn(3, 50, 4)
+    full = GaussianMixture(prior.log_weights, prior.loc, prior.scale).responsibilities(z)
+    r = prior.responsibilities(z)
+    assert r.shape == (3, 50, 6) and torch.all(r[..., [1, 4]] == 0)
+    torch.testing.assert_close(r, full)
+    torch.testing.assert_close(r.sum(-1), torch.ones(3, 50))
