@@ -33,6 +33,7 @@ logger = logging.getLogger("cellvi")
 
 __all__ = ["available", "registry", "path", "load", "synthetic_counts", "synthetic_cytometry",
            "linear_gaussian", "gaussian_mixture", "exact_posterior", "ExactPosterior",
+           "protocol_batches", "cytometry_batches", "PROTOCOL_STRENGTHS",
            "DataNotFoundError"]
 
 
@@ -258,6 +259,151 @@ def synthetic_cytometry(
                                    separation=separation, noise=noise, seed=seed,
                                    weights=weights)
     return adata
+
+
+# -- technical batch effects on real cells ---------------------------------------------------
+#: per strength: sd of the log capture efficiency per gene and batch, the range of the batches'
+#: depth factors (largest / smallest), the largest extra dropout probability of a gene
+PROTOCOL_STRENGTHS = {
+    "mild": dict(capture_sd=0.2, depth_ratio=2.0, dropout=0.0),
+    "medium": dict(capture_sd=0.5, depth_ratio=3.5, dropout=0.1),
+    "strong": dict(capture_sd=1.0, depth_ratio=5.0, dropout=0.25),
+}
+
+
+def protocol_batches(adata, *, label_key: str, strength: str = "medium", n_batches: int = 3,
+                     layer: str | None = None, missing: str | None = "auto",
+                     rare: str | None = "auto", rare_fraction: float = 0.1,
+                     min_counts: int = 50, seed: int = 0):
+    """Protocol-like technical batches simulated on real counts, with the cell types kept.
+
+    Each cell goes to one of ``n_batches`` batches; every count is thinned binomially with
+    ``p = depth_b * capture_bg``, then zeroed with a gene's extra dropout probability in that
+    batch. Thinning only removes molecules, so the result is count data a protocol could give:
+
+    - **capture**: ``capture_bg = exp(N(0, capture_sd²))`` per batch and gene (median 1;
+      gene-specific efficiencies, not only depth);
+    - **depth**: batch depth factors spread geometrically over ``depth_ratio``
+      (2x / 3.5x / 5x from mild to strong), the first batch the deepest at 0.7; the
+      thinning probability is ``min(1, depth_b * capture_bg)``;
+    - **dropout**: a gene's extra zero probability ``U(0, dropout)`` per batch (none, 10%,
+      25% at most);
+    - **composition**: the ``missing`` cell type is absent from the last batch and the
+      ``rare`` type keeps only ``rare_fraction`` of its cells in the first batch (``"auto"``:
+      a seeded choice among the types with at least 2% of the cells; ``None``: none), so
+      that over-correction (a type merged into another to mix the batches) shows.
+
+    ``strength`` is one of :data:`PROTOCOL_STRENGTHS` (``"mild"``, ``"medium"``,
+    ``"strong"``). Cells left with fewer than ``min_counts`` counts are dropped.
+
+    Returns:
+        A new AnnData: counts in ``X`` (``float32`` CSR; the input is not modified),
+        ``obs["batch"]`` (categorical ``"P0"``, ``"P1"``, ...), the input's ``obs`` columns,
+        and ``uns["simulation"]`` with every setting, the capture efficiencies' sd, the depth
+        factors and the missing / rare types.
+
+    Example:
+        >>> shifted = cellvi.datasets.protocol_batches(kang, label_key="cell_type", strength="strong")
+    """
+    import anndata as ad
+
+    if strength not in PROTOCOL_STRENGTHS:
+        raise ValueError(f"strength must be one of {list(PROTOCOL_STRENGTHS)}, got {strength!r}")
+    if label_key not in adata.obs:
+        raise KeyError(f"adata.obs has no {label_key!r}: pass the cell-type column as label_key")
+    if n_batches < 2:
+        raise ValueError(f"n_batches must be at least 2, got {n_batches}")
+    cfg = PROTOCOL_STRENGTHS[strength]
+    rng = np.random.default_rng(seed)
+    X = adata.X if layer is None else adata.layers[layer]
+    X = sp.csr_matrix(X, dtype=np.float64)
+    if X.nnz and (X.data.min() < 0 or not np.allclose(X.data, np.round(X.data))):
+        raise ValueError("protocol_batches needs raw counts (non-negative integers) in "
+                         + ("X" if layer is None else f"layers[{layer!r}]"))
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    types, counts = np.unique(labels, return_counts=True)
+    common = types[counts >= 0.02 * len(labels)]
+    pick = list(rng.permutation(common))
+    missing = pick.pop() if missing == "auto" and pick else (None if missing == "auto" else missing)
+    rare = pick.pop() if rare == "auto" and pick else (None if rare == "auto" else rare)
+    batch = rng.integers(0, n_batches, adata.n_obs)
+    keep = np.ones(adata.n_obs, dtype=bool)
+    if missing is not None:
+        keep &= ~((labels == missing) & (batch == n_batches - 1))
+    if rare is not None:
+        keep &= ~((labels == rare) & (batch == 0) & (rng.random(adata.n_obs) > rare_fraction))
+    depth = 0.7 * cfg["depth_ratio"] ** (-np.arange(n_batches) / (n_batches - 1))
+    capture = np.exp(rng.normal(0.0, cfg["capture_sd"], (n_batches, X.shape[1])))
+    dropout = rng.uniform(0.0, cfg["dropout"], (n_batches, X.shape[1]))
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    b, g = batch[rows], X.indices
+    thinned = rng.binomial(X.data.astype(np.int64), np.minimum(1.0, depth[b] * capture[b, g]))
+    thinned[rng.random(len(thinned)) < dropout[b, g]] = 0
+    out = sp.csr_matrix((thinned.astype(np.float32), X.indices.copy(), X.indptr.copy()),
+                        shape=X.shape)
+    out.eliminate_zeros()
+    keep &= np.asarray(out.sum(1)).ravel() >= min_counts
+    result = ad.AnnData(out[keep], obs=adata.obs.iloc[np.flatnonzero(keep)].copy(),
+                        var=adata.var[[]].copy())
+    result.obs["batch"] = pd.Categorical([f"P{k}" for k in batch[keep]],
+                                         categories=[f"P{k}" for k in range(n_batches)])
+    result.uns["simulation"] = dict(kind="protocol_batches", strength=strength, seed=seed,
+                                    n_batches=n_batches, label_key=label_key,
+                                    missing=missing or "", rare=rare or "",
+                                    rare_fraction=rare_fraction, depth=depth, **cfg)
+    return result
+
+
+def cytometry_batches(adata, *, label_key: str, n_batches: int = 2, layer: str | None = None,
+                      scale_sd: float = 0.15, shift_sd: float = 0.3, warp: float = 0.5,
+                      population_shift_sd: float = 0.2, seed: int = 0):
+    """Acquisition-like batch effects on transformed cytometry data (arcsinh or logicle
+    scale), beyond a mean shift. For each batch ``b`` and marker ``m``, a monotone
+    non-linear map ``x -> a x + s + w tanh((x - c) / h)`` with ``a = exp(N(0, scale_sd²))``
+    (gain), ``s ~ N(0, shift_sd²)`` (offset), a bend ``w ~ U(-warp, warp) * h`` at the
+    marker's median ``c`` with ``h`` its interquartile range (``|w| / h < a`` keeps the map
+    increasing), then for each batch, population and marker a shift ``N(0,
+    population_shift_sd²)`` in units of the marker's IQR (population-specific effects, as
+    when a reagent lot binds one cell type differently). The first batch is left as it is,
+    the reference.
+
+    Returns:
+        A new AnnData (the input is not modified) with the distorted values in ``X``
+        (``float32``), the input's ``obs`` plus ``obs["batch"]`` (``"B0"``, ``"B1"``, ...)
+        and ``uns["simulation"]`` with the maps' parameters.
+    """
+    import anndata as ad
+
+    if label_key not in adata.obs:
+        raise KeyError(f"adata.obs has no {label_key!r}: pass the population column as label_key")
+    if n_batches < 2:
+        raise ValueError(f"n_batches must be at least 2, got {n_batches}")
+    rng = np.random.default_rng(seed)
+    X = adata.X if layer is None else adata.layers[layer]
+    X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float64)
+    if not np.isfinite(X).all():
+        raise ValueError("cytometry_batches needs finite values: transform the data first")
+    centre = np.median(X, 0)
+    iqr = np.subtract(*np.percentile(X, [75, 25], 0))
+    iqr = np.where(iqr > 0, iqr, 1.0)
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    types = np.unique(labels)
+    batch = rng.integers(0, n_batches, adata.n_obs)
+    gain = np.exp(rng.normal(0.0, scale_sd, (n_batches, X.shape[1])))
+    offset = rng.normal(0.0, shift_sd, (n_batches, X.shape[1]))
+    bend = rng.uniform(-warp, warp, (n_batches, X.shape[1])) * np.minimum(gain, 1.0) * iqr
+    pop_shift = rng.normal(0.0, population_shift_sd, (n_batches, len(types), X.shape[1])) * iqr
+    gain[0], offset[0], bend[0], pop_shift[0] = 1.0, 0.0, 0.0, 0.0
+    code = np.searchsorted(types, labels)
+    Y = (gain[batch] * X + offset[batch] + bend[batch] * np.tanh((X - centre) / iqr)
+         + pop_shift[batch, code])
+    result = ad.AnnData(Y.astype(np.float32), obs=adata.obs.copy(), var=adata.var[[]].copy())
+    result.obs["batch"] = pd.Categorical([f"B{k}" for k in batch],
+                                         categories=[f"B{k}" for k in range(n_batches)])
+    result.uns["simulation"] = dict(kind="cytometry_batches", seed=seed, n_batches=n_batches,
+                                    label_key=label_key, gain=gain, offset=offset, bend=bend,
+                                    population_shift=pop_shift, populations=list(types))
+    return result
 
 
 # -- oracles: simulators whose exact posterior is known --------------------------------------

@@ -95,3 +95,59 @@ def test_synthetic_counts():
     assert a.obs["group"].nunique() == 4 and a.obs["batch"].nunique() == 3
     np.testing.assert_allclose(a.obs["library"], X.sum(1))
     assert (a.layers["counts"] != a.X).nnz == 0
+
+
+def test_protocol_batches_thin_real_counts_with_known_effects():
+    import cellvi
+
+    src = cellvi.datasets.synthetic_counts(3000, 200, n_groups=4, n_batches=1, seed=3)
+    before = src.copy()
+    out = cellvi.datasets.protocol_batches(src, label_key="group", strength="strong", seed=1)
+    again = cellvi.datasets.protocol_batches(src, label_key="group", strength="strong", seed=1)
+    assert (src.X != before.X).nnz == 0 and src.obs.equals(before.obs)  # input untouched
+    assert (out.X != again.X).nnz == 0  # seeded
+    sim = out.uns["simulation"]
+    orig = src[out.obs_names].X.toarray()
+    assert (out.X.toarray() <= orig).all()  # thinning only removes molecules
+    lib = np.asarray(out.X.sum(1)).ravel()
+    med = [np.median(lib[out.obs["batch"] == b]) for b in ("P0", "P1", "P2")]
+    assert med[0] > med[1] > med[2] and 3 < med[0] / med[2] < 8  # depth over a 5x range
+    labels, batch = out.obs["group"].astype(str), out.obs["batch"].astype(str)
+    assert sim["missing"] and not ((labels == sim["missing"]) & (batch == "P2")).any()
+    assert ((labels == sim["missing"]) & (batch == "P0")).sum() > 50
+    share = lambda b: ((labels == sim["rare"]) & (batch == b)).sum() / (batch == b).sum()  # noqa: E731
+    assert share("P0") < 0.3 * share("P1")
+    mild = cellvi.datasets.protocol_batches(src, label_key="group", strength="mild", seed=1)
+    lib_m = np.asarray(mild.X.sum(1)).ravel()
+    assert np.median(lib_m[mild.obs["batch"] == "P0"]) / np.median(lib_m[mild.obs["batch"] == "P2"]) < 3
+    with pytest.raises(ValueError, match="strength"):
+        cellvi.datasets.protocol_batches(src, label_key="group", strength="huge")
+    with pytest.raises(KeyError, match="label_key"):
+        cellvi.datasets.protocol_batches(src, label_key="cell_type")
+    logged = src.copy()
+    logged.X = logged.X.astype(np.float32) * 0.5
+    with pytest.raises(ValueError, match="raw counts"):
+        cellvi.datasets.protocol_batches(logged, label_key="group")
+
+
+def test_cytometry_batches_are_monotone_per_population_and_keep_the_reference():
+    import cellvi
+    from scipy.stats import spearmanr
+
+    src = cellvi.datasets.synthetic_cytometry(3000, 6, n_populations=3, n_batches=1, seed=2)
+    before = src.X.copy()
+    out = cellvi.datasets.cytometry_batches(src, label_key="population", n_batches=3, seed=4)
+    np.testing.assert_array_equal(src.X, before)
+    b = out.obs["batch"].astype(str).to_numpy()
+    ref = b == "B0"
+    np.testing.assert_allclose(out.X[ref], src.X[ref], rtol=1e-6)
+    moved = ~ref
+    assert np.abs(out.X[moved] - src.X[moved]).mean() > 0.1
+    pop = out.obs["population"].astype(str).to_numpy()
+    for batch in ("B1", "B2"):
+        for p in np.unique(pop):
+            m = (b == batch) & (pop == p)
+            for j in range(out.n_vars):  # the same increasing map of each marker
+                assert spearmanr(src.X[m, j], out.X[m, j]).statistic > 0.9999
+    g = out.uns["simulation"]
+    assert g["gain"].shape == (3, 6) and np.all(g["gain"][0] == 1)
