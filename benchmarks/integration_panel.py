@@ -1,0 +1,376 @@
+"""Integration robustness panel (issue 21, item 1): cellvi NB-VAE vs PCA, the PCA-minus-batch-mean
+control, Harmony and scVI on batch effects of known form.
+
+Datasets (label ``cell_type``, batch ``batch``):
+
+* ``3protocols``: ``kang2018_pbmc_3protocols_simulated_shift`` (shared data file; P1/P2 thinned
+  with gene-specific capture, composition shifted);
+* ``protocol_strong`` / ``protocol_medium``: ``cellvi.datasets.protocol_batches(kang 8 donors,
+  label_key="cell_type", strength=..., seed=0)`` (a type missing from the last batch, one made
+  rare in the first);
+* each also as ``*_1k``: a seeded random subsample of 1,000 cells (``numpy`` ``default_rng(0)``,
+  without replacement), since small files behave differently.
+
+Every method, the preprocessing (all 1,287 genes kept: <= 2,000, so no HVG selection;
+normalize_total 1e4 + log1p + 50 PCs), and the scib-metrics ``Benchmarker`` call
+(``min_max_scale=False``) are imported from ``scib_nbvae.py``, with its batch key set to
+``batch``. scVI and cellvi are trained for each of ``--seeds``; Harmony once (seed 0).
+
+For the simulated sets the silhouette score of the *missing* type
+(``uns["simulation"]["missing"]``) is also computed per embedding, with the formula scib's
+isolated-label score uses (mean of (ASW + 1) / 2 over that type's cells, ASW against the cell-type
+labels); ``iso_labels`` records which labels scib itself treated as isolated (those present in the
+fewest batches), so one can see whether its "Isolated labels" column is that type alone.
+
+Usage::
+
+    python benchmarks/integration_panel.py --quick            # smoke test, ~300 cells, 1 seed
+    python benchmarks/integration_panel.py --datasets 3protocols_1k protocol_strong_1k \\
+        protocol_medium_1k --seeds 0 1 2 --out benchmarks/results
+
+Writes ``<out>/integration_panel.md`` and ``.json`` (``--tag`` appends a suffix), after every
+dataset, so a partial run leaves its finished datasets.
+"""
+
+from __future__ import annotations
+
+import _single_thread  # noqa: F401  (pins thread pools; must come before numpy/torch)
+
+# isort: split
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scib_nbvae as base
+import torch
+from _common import git_state, import_cellvi, log
+
+base.BATCH_KEY = "batch"  # scib_nbvae's functions read this module global at call time
+LABEL_KEY = base.LABEL_KEY
+torch.set_num_threads(1)
+
+DATASETS = {
+    "3protocols": ("file", "kang2018_pbmc_3protocols_simulated_shift", None),
+    "protocol_strong": ("sim", "kang2018_pbmc_ctrl_8donors", "strong"),
+    "protocol_medium": ("sim", "kang2018_pbmc_ctrl_8donors", "medium"),
+}
+DEFAULT_ORDER = ["3protocols_1k", "protocol_strong_1k", "protocol_medium_1k",
+                 "3protocols", "protocol_strong", "protocol_medium"]
+CONTROL = "PCA minus per-batch mean (control)"
+METHODS = ["PCA (unintegrated)", CONTROL, "Harmony", "scVI", "cellvi NB-VAE"]
+TABLE_COLS = ["Total", "Bio conservation", "Batch correction", "iLISI", "KBET",
+              "Isolated labels"]
+
+
+def make_dataset(label: str, n_sub: int | None, sim_seed: int = 0):
+    """Returns (adata with raw counts in X, description dict)."""
+    name = label[:-3] if label.endswith("_1k") else label
+    kind, source, strength = DATASETS[name]
+    cellvi = import_cellvi()
+    adata = base.load_dataset(source)
+    desc = dict(source=source)
+    if kind == "sim":
+        adata = cellvi.datasets.protocol_batches(adata, label_key=LABEL_KEY, strength=strength,
+                                                 seed=sim_seed)
+        sim = adata.uns["simulation"]
+        desc.update(simulator=f"cellvi.datasets.protocol_batches(strength={strength!r}, "
+                              f"seed={sim_seed})",
+                    missing=str(sim.get("missing", "")), rare=str(sim.get("rare", "")))
+    else:
+        sim = adata.uns.get("simulation", {})
+        desc.update(simulator="shared file")
+    if n_sub is None and label.endswith("_1k"):
+        n_sub = 1000
+    if n_sub is not None and adata.n_obs > n_sub:
+        idx = np.sort(np.random.default_rng(0).choice(adata.n_obs, n_sub, replace=False))
+        adata = adata[idx].copy()
+        desc["subsample"] = f"{n_sub} cells, numpy default_rng(0) choice without replacement"
+    adata.obs["batch"] = adata.obs["batch"].astype(str).astype("category")
+    ct = adata.obs.groupby(["batch", LABEL_KEY], observed=False).size().unstack(fill_value=0)
+    desc["cells_per_batch_and_type"] = {b: {k: int(v) for k, v in row.items()}
+                                        for b, row in ct.iterrows()}
+    return adata, desc
+
+
+def missing_type_asw(adata, keys: list[str], missing: str) -> dict:
+    """scib's isolated-label formula restricted to one type: mean (ASW + 1) / 2 over its cells."""
+    from scib_metrics.utils import silhouette_samples
+
+    labels = adata.obs[LABEL_KEY].astype(str).to_numpy()
+    m = labels == missing
+    out = {}
+    for k in keys:
+        s = np.asarray(silhouette_samples(np.asarray(adata.obsm[k]), labels))
+        out[k] = float(np.mean((s[m] + 1) / 2))
+    return out
+
+
+def isolated_label_set(adata) -> list[str]:
+    from scib_metrics.metrics._isolated_labels import _get_isolated_labels
+
+    return [str(x) for x in _get_isolated_labels(adata.obs[LABEL_KEY].astype(str).to_numpy(),
+                                                 adata.obs["batch"].astype(str).to_numpy(), None)]
+
+
+def run_dataset(label: str, seeds: list[int], n_sub: int | None, quick: bool) -> dict:
+    log(f"== {label}")
+    adata, desc = make_dataset(label, n_sub)
+    notes = base.preprocess(adata)
+    log(f"   {notes}")
+    methods: dict[str, dict] = {}
+    adata.obsm["X_pca_minus_batch_mean"] = base.pca_minus_batch_mean(adata)
+    methods["X_pca"] = dict(method="PCA (unintegrated)", seed=None, train_s=None)
+    methods["X_pca_minus_batch_mean"] = dict(method=CONTROL, seed=None, train_s=None)
+    z, secs = base.run_harmony(adata, seed=0)
+    adata.obsm["X_harmony"] = z
+    methods["X_harmony"] = dict(method="Harmony", seed=0, train_s=secs)
+    log(f"   Harmony {secs:.1f} s")
+    for seed in seeds:
+        kw = dict(max_epochs=5) if quick else {}
+        z, secs, info = base.run_cellvi(adata, seed, **kw)
+        adata.obsm[f"X_nbvae_s{seed}"] = z
+        methods[f"X_nbvae_s{seed}"] = dict(method="cellvi NB-VAE", seed=seed, train_s=secs,
+                                           **info)
+        log(f"   cellvi seed {seed}: {secs:.1f} s, {info.get('n_epochs')} epochs")
+        if quick:
+            import scvi
+
+            scvi.settings.seed = seed
+            a = adata.copy()
+            scvi.model.SCVI.setup_anndata(a, layer="counts", batch_key="batch")
+            model = scvi.model.SCVI(a)
+            t0 = time.perf_counter()
+            model.train(max_epochs=5, accelerator="cpu", devices=1, enable_progress_bar=False)
+            secs = time.perf_counter() - t0
+            z, info = model.get_latent_representation(a), dict(n_epochs=5)
+        else:
+            z, secs, info = base.run_scvi(adata, seed)
+        adata.obsm[f"X_scVI_s{seed}"] = np.asarray(z, dtype=np.float32)
+        methods[f"X_scVI_s{seed}"] = dict(method="scVI", seed=seed, train_s=secs, **info)
+        log(f"   scVI seed {seed}: {secs:.1f} s, {info.get('n_epochs')} epochs")
+    t0 = time.perf_counter()
+    scores = base.scib_scores(adata, list(methods))
+    log(f"   scib-metrics {time.perf_counter() - t0:.1f} s")
+    desc["iso_labels"] = isolated_label_set(adata)
+    miss = desc.get("missing") or ""
+    miss_asw = missing_type_asw(adata, list(methods), miss) if miss else {}
+    rows = []
+    for key, info in methods.items():
+        row = dict(key=key, **info)
+        row.update({c: float(scores.loc[key, c]) for c in scores.columns})
+        if miss_asw:
+            row["missing_type_iso"] = miss_asw[key]
+        rows.append(row)
+    return dict(dataset=label, desc=desc, notes=notes, rows=rows,
+                scib_columns=list(scores.columns), summary=summarise(rows))
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Per method: mean / min / max of each column over seeds; cellvi's margins."""
+    per = {}
+    for m in METHODS:
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        cols = TABLE_COLS + ["train_s"] + (["missing_type_iso"] if "missing_type_iso" in rs[0]
+                                           else [])
+        d = dict(n=len(rs), seeds=[r["seed"] for r in rs])
+        for c in cols:
+            v = [r[c] for r in rs if r.get(c) is not None]
+            if v:
+                d[c] = dict(mean=float(np.mean(v)), min=float(np.min(v)), max=float(np.max(v)))
+        per[m] = d
+    order = sorted(per, key=lambda m: -per[m]["Total"]["mean"])
+    ranks = {m: i + 1 for i, m in enumerate(order)}
+    cv = per["cellvi NB-VAE"]["Total"]
+    peers = {m: per[m]["Total"]["mean"] for m in ("Harmony", "scVI", CONTROL)}
+    best_peer = max(peers, key=peers.get)
+    ctl = per[CONTROL]["Total"]["mean"]
+    cv_tot = [r["Total"] for r in rows if r["method"] == "cellvi NB-VAE"]
+    return dict(per_method=per, rank_by_mean_total=ranks, best_peer=best_peer,
+                cellvi_margin_to_best_peer=float(cv["mean"] - peers[best_peer]),
+                cellvi_seeds_below_control=[r["seed"] for r in rows
+                                            if r["method"] == "cellvi NB-VAE"
+                                            and r["Total"] < ctl],
+                cellvi_min_minus_control=float(min(cv_tot) - ctl))
+
+
+def _seeds(seeds) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds)) if seeds \
+        else "none"
+
+
+def _f(v, nd=3):
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+def _cell(d, c, nd=3):
+    if c not in d:
+        return "–"
+    s = d[c]
+    if d["n"] == 1 or s["min"] == s["max"]:
+        return _f(s["mean"], nd)
+    return f"{_f(s['mean'], nd)} ({_f(s['min'], nd)}–{_f(s['max'], nd)})"
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    L = ["# Integration robustness panel (issue 21 item 1, first slice)\n"]
+    if res.get("partial"):
+        L.append(f"**PARTIAL: {res['partial']}**\n")
+    L.append(f"Command: `{res['command']}`  ")
+    L.append(f"Date: {res['date']}  ")
+    L.append("Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + "  ")
+    g = res.get("git") or {}
+    if g:
+        L.append(f"cellvi code: git {g['head']}"
+                 + (" with uncommitted changes under cellvi/" if g["cellvi_dirty"] else "")
+                 + f", imported once at {g['time']}  ")
+    L.append(f"Machine: {res['machine']}\n")
+    L.append(
+        "Protocol: `scib_nbvae.py`'s preprocessing, methods and scib-metrics `Benchmarker` call "
+        "(imported; `min_max_scale=False`, Total = 0.6 Bio + 0.4 Batch), batch key `batch`, label "
+        "`cell_type`. All 1,287 genes kept (<= 2,000: no HVG selection); PCA = normalize_total "
+        "1e4 + log1p + 50 PCs; control = `X_pca` minus each batch's mean; Harmony on the 50 PCs "
+        "(seed 0); scVI `SCVI` defaults (`accelerator=\"cpu\"`); cellvi `tl.nbvae(adata, "
+        "layer=\"counts\", batch_key=\"batch\", seed=s)` defaults. scVI and cellvi: one fit per "
+        f"seed ({', '.join(map(str, res['seeds']))}); cells show the mean and, in brackets, the "
+        "range over seeds. `*_1k`: a seeded random subsample (1,000 cells) of the set. Everything "
+        "single-threaded on a 2-core machine shared with 2-3 other heavy jobs, so training seconds "
+        "are noisy and comparable only within one table.\n")
+    L.append(
+        "*missing-type iso*: for the simulated sets, the type removed from the last batch "
+        "(`uns[\"simulation\"][\"missing\"]`), scored with scib's isolated-label formula (mean of "
+        "(ASW+1)/2 over its cells, silhouette against the cell-type labels) computed here, since "
+        "the Benchmarker reports only the mean over its isolated labels. scib's own isolated "
+        "labels (types present in the fewest batches) are listed per dataset.\n")
+    for d in res["datasets"]:
+        n, s = d["notes"], d["summary"]
+        L.append(f"## {d['dataset']}\n")
+        desc = d["desc"]
+        extra = ""
+        if desc.get("missing"):
+            extra = (f"; missing from the last batch: **{desc['missing']}**, rare in the first: "
+                     f"{desc.get('rare') or '–'}")
+        L.append(f"{desc['source']} ({desc['simulator']}"
+                 + (f"; subsample: {desc['subsample']}" if desc.get("subsample") else "")
+                 + f"): {n['n_obs']:,} cells x {n['n_vars']:,} genes, {n['n_batches']} batches, "
+                 f"{n['n_labels']} cell types{extra}. scib's isolated labels: "
+                 f"{', '.join(desc['iso_labels']) or '–'}.\n")
+        has_miss = any("missing_type_iso" in r for r in d["rows"])
+        head = ["method", "rank", *TABLE_COLS] + (["missing-type iso"] if has_miss else []) \
+            + ["train s"]
+        L.append("| " + " | ".join(head) + " |")
+        L.append("|" + "---|" * len(head))
+        per = s["per_method"]
+        for m in sorted(per, key=lambda m: s["rank_by_mean_total"][m]):
+            p = per[m]
+            cells = [m + (f" (x{p['n']})" if p["n"] > 1 else ""), str(s["rank_by_mean_total"][m])]
+            cells += [("**" + _cell(p, c) + "**") if c == "Total" else _cell(p, c)
+                      for c in TABLE_COLS]
+            if has_miss:
+                cells.append(_cell(p, "missing_type_iso"))
+            cells.append(_cell(p, "train_s", 1))
+            L.append("| " + " | ".join(cells) + " |")
+        L.append("")
+        below = s["cellvi_seeds_below_control"]
+        L.append(f"cellvi mean Total minus the best of Harmony/scVI/control ({s['best_peer']}): "
+                 f"**{s['cellvi_margin_to_best_peer']:+.3f}**. cellvi seeds below the control: "
+                 f"**{_seeds(below)}** (worst seed minus "
+                 f"control {s['cellvi_min_minus_control']:+.3f}).\n")
+    if res["datasets"]:
+        L.append("## Summary\n")
+        names = [d["dataset"] for d in res["datasets"]]
+        L.append("| method | " + " | ".join(f"rank {x}" for x in names) + " | mean rank |")
+        L.append("|---|" + "---|" * (len(names) + 1))
+        for m in METHODS:
+            rk = [d["summary"]["rank_by_mean_total"].get(m) for d in res["datasets"]]
+            L.append(f"| {m} | " + " | ".join(str(r) for r in rk)
+                     + f" | {np.mean(rk):.2f} |")
+        L.append("")
+        L.append("| dataset | cellvi Total (mean) | best peer | peer Total | margin | "
+                 "cellvi seeds below control |")
+        L.append("|---|---|---|---|---|---|")
+        for d in res["datasets"]:
+            s = d["summary"]
+            per = s["per_method"]
+            L.append(f"| {d['dataset']} | {per['cellvi NB-VAE']['Total']['mean']:.3f} | "
+                     f"{s['best_peer']} | {per[s['best_peer']]['Total']['mean']:.3f} | "
+                     f"{s['cellvi_margin_to_best_peer']:+.3f} | "
+                     f"{_seeds(s['cellvi_seeds_below_control'])} |")
+        L.append("")
+        L.append("### Every run (all scib columns)\n")
+        for d in res["datasets"]:
+            cols = [c for c in d["scib_columns"]]
+            L.append(f"**{d['dataset']}**\n")
+            L.append("| method | seed | " + " | ".join(cols) + " | train s | epochs |")
+            L.append("|---|---|" + "---|" * (len(cols) + 2))
+            for r in d["rows"]:
+                L.append(f"| {r['method']} | {'–' if r['seed'] is None else r['seed']} | "
+                         + " | ".join(_f(r[c]) for c in cols)
+                         + f" | {_f(r['train_s'], 1)} | {r.get('n_epochs') or '–'} |")
+            L.append("")
+    L.append(f"Run time: {res['total_s'] / 60:.1f} min.\n")
+    path.write_text("\n".join(L))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=DEFAULT_ORDER,
+                   choices=[*DATASETS, *(k + "_1k" for k in DATASETS)])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: 300-cell subsamples, seed 0, 5 epochs for scVI and cellvi")
+    p.add_argument("--out", default=str(base.REPO / "benchmarks" / "results"))
+    p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only rewrite the markdown next to this JSON from it")
+    args = p.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        write_markdown(json.loads(src.read_text()), src.with_suffix(".md"))
+        return
+    warnings.filterwarnings("ignore")
+    for lg in ("scvi", "lightning", "lightning.pytorch"):
+        logging.getLogger(lg).setLevel(logging.WARNING)
+    n_sub = None
+    if args.quick:
+        args.seeds, n_sub = [0], 300
+        if argv is None and "--datasets" not in sys.argv:
+            args.datasets = ["3protocols_1k", "protocol_strong_1k"]
+    t_start = time.perf_counter()
+    git = git_state()
+    import_cellvi()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "integration_panel" + (("_" + args.tag) if args.tag else "")
+    cmd = "python benchmarks/integration_panel.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else list(argv)))
+    results = []
+
+    def write(partial):
+        res = dict(command=cmd, date=time.strftime("%Y-%m-%d %H:%M %Z"), versions=base._versions(),
+                   git=git, machine=f"{platform.platform()}, {os.cpu_count()} CPUs, "
+                                    "single-threaded runs",
+                   seeds=args.seeds, quick=args.quick, datasets=results, partial=partial,
+                   total_s=time.perf_counter() - t_start)
+        (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
+        write_markdown(res, out / f"{stem}.md")
+        log(f"wrote {out / stem}.md/.json ({res['total_s'] / 60:.1f} min)")
+
+    for i, label in enumerate(args.datasets):
+        results.append(run_dataset(label, args.seeds, n_sub, args.quick))
+        rest = args.datasets[i + 1:]
+        write(f"datasets not yet run: {', '.join(rest)}" if rest else None)
+
+
+if __name__ == "__main__":
+    main()
