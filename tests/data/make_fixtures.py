@@ -33,7 +33,7 @@ cyto.write_h5ad(out / "cyto.h5ad")
 gm = cellvi.models.GMVAE(cyto, batch_key="batch", n_components=3, n_latent=2, n_hidden=8)
 gm.fit(max_epochs=3, warmup_epochs=2, verbose=False)
 gm.save(out / "gmvae")
-res = gm.transform(cyto)
+res = gm.transform(cyto, n_samples=0)  # v0.1 probabilities (p(c|z) at the mean)
 np.savez(out / "expected.npz", nbvae_latent=nb.transform(counts).latent, gmvae_latent=res.latent,
          gmvae_probs=res.probs, gmvae_labels=res.labels.codes)
 print("wrote", out)
