@@ -13,7 +13,8 @@ from cellvi.train import TrainConfig, TrainingDiverged, default_max_epochs, eval
 
 def test_default_max_epochs_scales_with_data():
     assert default_max_epochs(100) == 400
-    assert default_max_epochs(10_000_000) == 10
+    assert default_max_epochs(10_000_000, epoch_cells=None) == 10  # full passes: the floor
+    assert default_max_epochs(10_000_000) == 31  # epochs of at most 100,000 cells: ~6,000 steps
     assert default_max_epochs(1_000) > default_max_epochs(100_000)
 
 
