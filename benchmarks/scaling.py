@@ -50,6 +50,12 @@ Usage::
     python benchmarks/scaling.py                       # the full run (see --help for parts)
     python benchmarks/scaling.py --quick --out /tmp/scaling_quick   # smoke test, tiny n
     python benchmarks/scaling.py --render benchmarks/results/scaling.json [--notes FILE]
+    python benchmarks/scaling.py ... --code-rev REV --resume benchmarks/results/scaling.json
+        # add the jobs the file lacks (e.g. after an interruption), on the same cellvi commit
+
+A killed child (``--child-timeout``, ``--rss-limit-mib``) keeps its progress lines (the end of
+each timed phase, and of every 50 mini-batches of the outlier score's per-cell ELBO), from
+which the table states what it had done and projects the outlier pass (marked as projected).
 
 Writes ``<out>/scaling.json`` (every child's result), ``<out>/scaling.md`` and
 ``<out>/scaling.png`` (seconds vs n, log-log), after every child (``scaling_quick.*`` with
@@ -211,8 +217,6 @@ class PhaseTimer:
         setattr(owner, name, g)
 
     def count_steps(self) -> None:
-        import torch
-
         def hook(optimizer, args, kwargs):
             self.steps += 1
 
@@ -224,8 +228,9 @@ class PhaseTimer:
 def _import_cellvi():
     from _common import import_cellvi
 
-    cellvi = import_cellvi()
-    import cellvi.models  # noqa: F401
+    import_cellvi()
+    import cellvi
+    import cellvi.models
     import cellvi.train  # noqa: F401
 
     return cellvi
@@ -430,7 +435,7 @@ def child_nb(spec: dict) -> dict:
         z = model.get_latent_representation()
         secs = time.perf_counter() - t0
         res.update(cpu_s=_cpu_s() - c0, peak_rss_mib=_maxrss_mib(), seconds=secs)
-        ep = [e - s for s, e in zip(timer.start, timer.end)]
+        ep = [e - s for s, e in zip(timer.start, timer.end, strict=False)]
         med = float(np.median(ep[1:] if len(ep) > 1 else ep))
         res.update(epochs=len(ep), max_epochs=max_epochs, default_epochs=default_epochs,
                    epoch_s=ep, epoch_s_median=med, setup_s=t_fit - t0,
@@ -634,7 +639,6 @@ def _mean(xs):
 
 def render(meta: dict, stem: str, notes: str | None = None) -> str:
     R = meta["results"]
-    g = meta["git"]
     L = ["# Scaling: cellvi GMVAE vs FlowSOM and NB-VAE (vs SCVI) at 100k-1M cells, one thread", ""]
     if meta.get("runs"):
         L.append("Made in " + str(len(meta["runs"])) + " runs (`--resume` adds the jobs a results "
@@ -830,6 +834,17 @@ def render(meta: dict, stem: str, notes: str | None = None) -> str:
     return "\n".join(L) + "\n"
 
 
+def projected_seconds(r: dict) -> float | None:
+    """A killed NB child's projected call time: the end of transform + the outlier pass at
+    the rate its progress lines show (``None`` without them)."""
+    prog = r.get("progress") or []
+    t0 = next((e["t"] for e in prog if e["event"] == "end" and e["label"] == "transform"), None)
+    last = [e for e in prog if e["event"] == "elbo_batches"]
+    if t0 is None or not last:
+        return None
+    return t0 + (last[-1]["t"] - t0) * r["n"] / last[-1]["cells"]
+
+
 def progress_text(r: dict) -> str:
     """What a killed child had done, from its progress lines."""
     prog = r.get("progress") or []
@@ -875,12 +890,31 @@ def plot(meta: dict, path: Path) -> None:
         series.setdefault(name, {}).setdefault(r["n"], []).append(r["seconds"])
     if not series:
         return
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    colours = {}
     for name, pts in series.items():
         ns = sorted(pts)
-        ax.plot(ns, [np.mean(pts[n]) for n in ns], "o-", label=name)
+        line, = ax.plot(ns, [np.mean(pts[n]) for n in ns], "o-", label=name)
+        colours[name] = line.get_color()
         for n in ns:
             ax.scatter([n] * len(pts[n]), pts[n], s=8, color="grey", zorder=3)
+    # not measured: a killed NB-VAE's projection, SCVI's default epochs extrapolated
+    for r in meta["results"]:
+        if r["kind"] != "nb":
+            continue
+        if r["method"] == "nbvae" and "error" in r and projected_seconds(r):
+            name = "cellvi NB-VAE (2,000 genes)"
+            y, lab = projected_seconds(r), f"NB-VAE {r['n']:,}: killed, projected"
+        elif r["method"] == "scvi" and "extrapolated_default_s" in r:
+            name = "SCVI (2,000 genes, capped epochs)"
+            y, lab = r["extrapolated_default_s"], "SCVI default epochs, extrapolated"
+        else:
+            continue
+        c = colours.get(name, "black")
+        ax.scatter([r["n"]], [y], s=50, facecolors="none", edgecolors=c, zorder=4, label=lab)
+        if name in series and min(series[name]) < r["n"]:
+            n0 = max(n for n in series[name] if n < r["n"])
+            ax.plot([n0, r["n"]], [np.mean(series[name][n0]), y], "--", color=c)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("cells / events")
@@ -926,7 +960,9 @@ def main() -> None:
         return
     if args.render:
         meta = json.loads(Path(args.render).read_text())
-        notes = Path(args.notes).read_text() if args.notes else None
+        if args.notes:
+            meta["notes"] = Path(args.notes).read_text()
+        notes = meta.get("notes")
         src = Path(args.render)
         write(meta, src.parent, src.stem, notes)
         return
