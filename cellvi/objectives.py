@@ -19,8 +19,8 @@ from torch.distributions import Distribution, kl_divergence
 
 from .distributions import CellLikelihood
 
-__all__ = ["log_likelihood", "kl", "elbo", "iwae", "ELBO", "IWAE", "LinearWarmup", "Constant",
-           "as_objective"]
+__all__ = ["log_likelihood", "kl", "elbo", "iwae", "batch_mmd", "ELBO", "IWAE", "LinearWarmup",
+           "Constant", "as_objective"]
 
 
 def log_likelihood(px: Distribution, x: torch.Tensor, nonzero=None) -> torch.Tensor:
@@ -77,6 +77,34 @@ def iwae(
     return torch.logsumexp(log_w, dim=0) - math.log(n_samples)
 
 
+#: bandwidths of the multi-scale RBF kernel of :func:`batch_mmd`, as multiples of the
+#: latent dimension (squared distances between N(0, I) draws are about 2 d)
+MMD_SCALES = (0.2, 1.0, 5.0)
+
+
+def batch_mmd(z: torch.Tensor, covs: torch.Tensor) -> torch.Tensor:
+    """How much the latent depends on the batch within a mini-batch: for each batch key and
+    each category with at least 2 cells here, the squared maximum mean discrepancy (biased
+    V-statistic, multi-scale RBF kernel) between that category's cells and all the cells,
+    weighted by the category's share of the cells and summed over categories; averaged over
+    keys. Zero when every batch's cells are distributed alike, differentiable in ``z``.
+    """
+    d2 = torch.cdist(z, z).square()
+    n, dim = z.shape
+    K = sum(torch.exp(-d2 / (s * dim)) for s in MMD_SCALES)
+    total = z.new_zeros(())
+    for j in range(covs.shape[1]):
+        onehot = torch.nn.functional.one_hot(covs[:, j]).to(z.dtype)  # n x categories
+        counts = onehot.sum(0)
+        keep = counts >= 2
+        if int(keep.sum()) < 2:  # a single batch in this mini-batch: nothing to compare
+            continue
+        W = onehot[:, keep] / counts[keep] - 1.0 / n  # columns: mean of batch b minus overall
+        mmd2 = ((K @ W) * W).sum(0).clamp_min(0.0)
+        total = total + (mmd2 * counts[keep] / counts[keep].sum()).sum()
+    return total / covs.shape[1]
+
+
 @dataclass(frozen=True)
 class LinearWarmup:
     """β rises linearly from ``start`` to ``end`` over ``n_steps`` optimiser **steps**.
@@ -120,10 +148,15 @@ class ELBO:
             training loop use its linear KL warm-up.
         prior: a fixed prior used instead of the model's own, for training and validation
             alike (the GMVAE's warm-up uses ``StandardNormal``); ``None``: the model's prior.
+        batch_penalty: weight λ (nats per cell) of a penalty on the latent's dependence on
+            the batch: ``λ β batch_mmd(posterior means, batch codes)`` (:func:`batch_mmd`),
+            annealed with the KL warm-up's β. ``0`` (default): the plain ELBO. Validation
+            and the history report the ELBO without it.
     """
 
     beta: Callable[[int], float] | None = None
     prior: torch.nn.Module | None = None
+    batch_penalty: float = 0.0
 
     def terms(self, module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p(x|z), KL)`` per cell, from one reparameterised sample."""
@@ -131,8 +164,13 @@ class ELBO:
 
     def loss(self, module, batch, beta: float, n_obs: int):
         """``(loss, log p(x|z), KL)``: the scalar to minimise and its per-cell parts."""
-        log_px, kl_z = self.terms(module, batch)
-        loss = -(log_px - beta * kl_z).mean()
+        if self.batch_penalty and batch.get("covs") is not None:
+            log_px, kl_z, qz = module.elbo_terms(batch, prior=self.prior, with_posterior=True)
+            penalty = self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"])
+        else:
+            log_px, kl_z = self.terms(module, batch)
+            penalty = 0.0
+        loss = -(log_px - beta * kl_z).mean() + penalty
         hyper = (self.prior or module.prior).log_hyperprior(n_obs)
         if hyper is not None:
             loss = loss - hyper / n_obs
@@ -157,6 +195,8 @@ class IWAE(ELBO):
         log_ratio = (self.prior or module.prior)().log_prob(z) - qz.log_prob(z)
         bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(self.n_samples)
         loss = -bound.mean()
+        if self.batch_penalty and batch.get("covs") is not None:
+            loss = loss + self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"])
         hyper = (self.prior or module.prior).log_hyperprior(n_obs)
         if hyper is not None:
             loss = loss - hyper / n_obs

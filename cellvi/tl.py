@@ -27,9 +27,10 @@ from .models._base import TRAIN_KEYS
 __all__ = ["nbvae", "gmvae"]
 
 _MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm", "input_scale",
-                 "posterior", "n_flows")
+                 "posterior", "n_flows", "encode_batch")
 _FIT_KWARGS = tuple(k for k in TRAIN_KEYS if k != "max_epochs") + (
     "callbacks", "objective", "checkpoint_dir", "checkpoint_every", "resume")
+_NBVAE_FIT_KWARGS = _FIT_KWARGS + ("batch_penalty",)
 
 _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
                        "overcluster", "n_hidden", "n_layers", "dropout", "norm", "posterior",
@@ -133,7 +134,8 @@ def nbvae(
         return_model: also return the trained :class:`cellvi.models.NBVAE`.
         verbose: progress bar.
         **model_kwargs: network settings (``dispersion``, ``n_hidden``, ``n_layers``,
-            ``dropout``, ``norm``, ``input_scale``) and training settings (``batch_size``, ``lr``,
+            ``dropout``, ``norm``, ``input_scale``, ``encode_batch``: :class:`cellvi.models.NBVAE`),
+            ``batch_penalty`` (:meth:`cellvi.models.NBVAE.fit`) and training settings (``batch_size``, ``lr``,
             ``kl_warmup_steps``, ``kl_weight``, ``patience``, ``validation_fraction``,
             ``callbacks``, ...: the fields of :class:`cellvi.train.TrainConfig`).
 
@@ -159,7 +161,7 @@ def nbvae(
     """
     name = _result_name(key_added, "nbvae")
     check_writable(adata, copy)
-    model_settings, fit_settings = _split_kwargs(model_kwargs)
+    model_settings, fit_settings = _split_kwargs(model_kwargs, fit_keys=_NBVAE_FIT_KWARGS)
     model = NBVAE(adata, layer=layer, batch_key=batch_key, n_latent=n_latent,
                   likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)

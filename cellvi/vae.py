@@ -82,13 +82,14 @@ class VAE(nn.Module):
         z = qz.rsample()
         return qz, z, self.decode(z, batch)
 
-    def elbo_terms(self, batch: dict[str, torch.Tensor],
-                   prior: Prior | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def elbo_terms(self, batch: dict[str, torch.Tensor], prior: Prior | None = None,
+                   with_posterior: bool = False):
         """``(log p(x|z), KL(q(z|x) || p(z)))`` per cell from one sample; ``prior`` replaces
-        the model's prior (the GMVAE's warm-up)."""
+        the model's prior (the GMVAE's warm-up); ``with_posterior`` appends ``q(z|x)``."""
         qz, z, px = self(batch)
         pz = (prior or self.prior)()
-        return log_likelihood(px, batch["x"], batch.get("x_nonzero")), kl(qz, pz, z)
+        terms = (log_likelihood(px, batch["x"], batch.get("x_nonzero")), kl(qz, pz, z))
+        return (*terms, qz) if with_posterior else terms
 
     def elbo(self, batch: dict[str, torch.Tensor], beta: float = 1.0,
              prior: Prior | None = None) -> torch.Tensor:

@@ -215,3 +215,45 @@ def test_fit_callbacks_and_history_parts(small_adata):
     np.testing.assert_allclose(h["validation_elbo"][-1],
                                h["validation_reconstruction"][-1] - h["validation_kl"][-1],
                                rtol=1e-5)
+
+
+def test_encode_batch_false_feeds_the_batch_to_the_decoder_only(sim_adata, tmp_path):
+    import cellvi
+
+    ad = sim_adata.copy()
+    model = cellvi.models.NBVAE(ad, batch_key="batch", encode_batch=False, n_hidden=32)
+    model.fit(max_epochs=2, verbose=False)
+    relabelled = ad.copy()
+    cats = list(ad.obs["batch"].cat.categories)
+    relabelled.obs["batch"] = ad.obs["batch"].map(dict(zip(cats, cats[::-1]))).astype("category")
+    np.testing.assert_array_equal(model.get_latent(ad), model.get_latent(relabelled))
+    assert model.module.decoder is not None and model.settings["encode_batch"] is False
+    model.save(tmp_path / "m")
+    loaded = cellvi.models.NBVAE.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.get_latent(ad), model.get_latent(ad))
+    # the default encoder does see it
+    default = cellvi.models.NBVAE(ad, batch_key="batch", n_hidden=32).fit(max_epochs=2, verbose=False)
+    assert not np.array_equal(default.get_latent(ad), default.get_latent(relabelled))
+    with pytest.raises(cellvi.errors.InvalidTypeError, match="encode_batch"):
+        cellvi.models.NBVAE(ad, batch_key="batch", encode_batch="no")
+
+
+def test_batch_penalty_lowers_the_latents_batch_dependence(sim_adata):
+    import torch
+
+    import cellvi
+    from cellvi.objectives import batch_mmd
+
+    ad = sim_adata.copy()
+    codes = torch.as_tensor(ad.obs["batch"].cat.codes.to_numpy(), dtype=torch.long)[:, None]
+    mmd = {}
+    for weight in (0.0, 200.0):
+        m = cellvi.models.NBVAE(ad, batch_key="batch", encode_batch=False, n_hidden=32)
+        m.fit(max_epochs=15, batch_penalty=weight, kl_warmup_steps=20, verbose=False, seed=0)
+        mmd[weight] = float(batch_mmd(torch.as_tensor(m.get_latent(ad)), codes))
+        assert "batch_penalty" in m.train_settings["objective"]
+    assert mmd[200.0] < 0.7 * mmd[0.0]
+    with pytest.raises(cellvi.errors.InvalidInputError, match="batch_key"):
+        cellvi.models.NBVAE(ad).fit(max_epochs=1, batch_penalty=1.0, verbose=False)
+    with pytest.raises(cellvi.errors.InvalidInputError, match="non-negative"):
+        cellvi.models.NBVAE(ad, batch_key="batch").fit(max_epochs=1, batch_penalty=-1.0)

@@ -116,3 +116,33 @@ def test_linear_warmup_counts_steps():
     c = Constant(0.3)
     assert c(0) == c(10**9) == 0.3 and c.done(0)
     assert math.isclose(LinearWarmup(3)(1), 1 / 3)
+
+
+def _mmd2_reference(a: torch.Tensor, b: torch.Tensor, scales, dim: int) -> float:
+    """MMD² as the three kernel means, written out (biased V-statistic)."""
+    def k(x, y):
+        d2 = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+        return sum(torch.exp(-d2 / (s * dim)) for s in scales)
+    return float(k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean())
+
+
+def test_batch_mmd_matches_kernel_means_and_sees_a_shift():
+    from cellvi.objectives import MMD_SCALES, batch_mmd
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 4, generator=g)
+    codes = torch.randint(0, 3, (300, 1), generator=g)
+    same = float(batch_mmd(z, codes))
+    shifted = z + 1.5 * (codes == 1).float()
+    moved = float(batch_mmd(shifted, codes))
+    ref = sum(float((codes[:, 0] == b).float().mean())
+              * _mmd2_reference(shifted[codes[:, 0] == b], shifted, MMD_SCALES, 4)
+              for b in range(3))
+    assert moved == pytest.approx(ref, rel=1e-4)
+    assert same < 0.02 and moved > 10 * same
+    # a single batch in the mini-batch: nothing to compare, no penalty
+    assert float(batch_mmd(z, torch.zeros(300, 1, dtype=torch.long))) == 0.0
+    # gradients flow to the latent
+    zz = shifted.clone().requires_grad_(True)
+    batch_mmd(zz, codes).backward()
+    assert zz.grad.abs().sum() > 0

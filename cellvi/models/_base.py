@@ -48,7 +48,7 @@ from ._persist import (
     save_folder,
 )
 
-__all__ = ["Model", "check_seed", "check_trainable", "positive_int", "MIN_CELLS"]
+__all__ = ["Model", "boolean", "check_seed", "check_trainable", "positive_int", "MIN_CELLS"]
 #: the keyword arguments of ``fit`` that go to :class:`cellvi.train.TrainConfig`
 TRAIN_KEYS = tuple(f for f in TrainConfig.__dataclass_fields__ if f not in ("seed", "verbose", "desc"))
 
@@ -78,6 +78,13 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
+def boolean(name: str, value) -> bool:
+    """``value`` as a bool (numpy booleans too), or a clear error naming the setting."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidTypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def deterministic(method):
     """Run a model method inside :func:`cellvi._settings.deterministic_block`."""
     @functools.wraps(method)
@@ -95,6 +102,8 @@ def _check_posterior(posterior: str, n_flows) -> tuple[str, int]:
 
 def make_encoder(n_in: int, s: dict[str, Any], n_cats: list[int]) -> GaussianEncoder:
     """The encoder of a model's settings ``s`` (``posterior``: diagonal Gaussian or IAF)."""
+    if not s.get("encode_batch", True):  # the batch enters the decoder only (as scVI)
+        n_cats = []
     kwargs = dict(n_hidden=s["n_hidden"], n_layers=s["n_layers"], n_cats_per_cov=n_cats,
                   dropout=s["dropout"], norm=s["norm"])
     if s.get("posterior", "normal") == "iaf":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,12 +24,13 @@ from ..vae import VAE
 from ._base import (
     Model,
     _check_posterior,
+    boolean,
     check_trainable,
     deterministic,
     make_encoder,
     positive_int,
 )
-from ._persist import choice, integer, number, text, texts
+from ._persist import choice, flag, integer, number, text, texts
 
 __all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios"]
 
@@ -70,6 +72,7 @@ _SCHEMA = dict(
     n_layers=(integer(1, 64), ...), dropout=(number(0.0, 1.0), ...),
     norm=(choice("batch", "layer", None), ...), input_scale=(number(1e-12, 1e15, optional=True), None),
     posterior=(choice(*POSTERIORS), "normal"), n_flows=(integer(1, 32), 2),
+    encode_batch=(flag, True),
 )
 
 
@@ -97,6 +100,9 @@ class NBVAE(Model):
             ``"median"``: to the median library size of the training cells (stored as a
             number). The decoder always gets the observed library size. The default keeps
             the integration scores (``docs/design.md``, NB-VAE defaults).
+        encode_batch: whether the encoder sees the batch (``True``, default) or only the
+            decoder does (``False``, as scVI); with ``False`` the latent of a cell does not
+            depend on the batch label it is given, and new batches can be encoded.
 
     Example:
         >>> model = cellvi.models.NBVAE(adata, layer="counts", batch_key="donor")
@@ -122,6 +128,7 @@ class NBVAE(Model):
         input_scale: float | str | None = None,
         posterior: str = "normal",
         n_flows: int = 2,
+        encode_batch: bool = True,
     ):
         n_latent, n_hidden = positive_int("n_latent", n_latent), positive_int("n_hidden", n_hidden)
         n_layers = positive_int("n_layers", n_layers)
@@ -138,7 +145,7 @@ class NBVAE(Model):
             dispersion=dispersion, n_hidden=n_hidden, n_layers=n_layers,
             dropout=float(dropout), norm=norm,
             input_scale=None if input_scale is None else float(input_scale),
-            posterior=posterior, n_flows=n_flows,
+            posterior=posterior, n_flows=n_flows, encode_batch=boolean("encode_batch", encode_batch),
         )
         self._setup(settings, data.var_names, data.categories, data)
 
@@ -181,6 +188,7 @@ class NBVAE(Model):
         checkpoint_every: int = 1,
         resume: bool = False,
         objective: str | ELBO = "elbo",
+        batch_penalty: float = 0.0,
         **train_kwargs: Any,
     ) -> NBVAE:
         """Train on the AnnData given at construction.
@@ -203,20 +211,32 @@ class NBVAE(Model):
                 settings): the result is the same as an uninterrupted fit.
             objective: ``"elbo"`` (default), ``"iwae"`` / ``"iwae<K>"`` (the importance-weighted
                 bound with 8 / K samples, :class:`cellvi.objectives.IWAE`) or an objective.
+            batch_penalty: weight (nats per cell) of a penalty on the latent's dependence on
+                the batch (MMD between each batch's latent means and all of them, annealed
+                with the KL warm-up; :func:`cellvi.objectives.batch_mmd`); ``0``: none.
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
+        objective = as_objective(objective)
+        if batch_penalty:
+            if not (isinstance(batch_penalty, (int, float)) and batch_penalty > 0
+                    and np.isfinite(batch_penalty)):
+                raise InvalidInputError(f"batch_penalty must be a non-negative number, got "
+                                        f"{batch_penalty!r}")
+            if not self.settings["batch_keys"]:
+                raise InvalidInputError("batch_penalty needs a model built with batch_key=...")
+            objective = dataclasses.replace(objective, batch_penalty=float(batch_penalty))
         _, data, seed = self._start_fit(seed, device)
         config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
                                     batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                                     **train_kwargs)
         checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
                                         config)
-        self.history = train(self.module, data, config, objective=as_objective(objective),
+        self.history = train(self.module, data, config, objective=objective,
                              callbacks=callbacks, checkpoint=checkpoint)
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
-                         objective=repr(as_objective(objective)), **train_kwargs)
+                         objective=repr(objective), **train_kwargs)
         return self
 
     # -- inference ----------------------------------------------------------------------
