@@ -257,3 +257,37 @@ def test_batch_penalty_lowers_the_latents_batch_dependence(sim_adata):
         cellvi.models.NBVAE(ad).fit(max_epochs=1, batch_penalty=1.0, verbose=False)
     with pytest.raises(cellvi.errors.InvalidInputError, match="non-negative"):
         cellvi.models.NBVAE(ad, batch_key="batch").fit(max_epochs=1, batch_penalty=-1.0)
+
+
+def test_batch_log_ratios_match_dense_proportions_without_copying_the_counts():
+    import tracemalloc
+
+    import scipy.sparse as sp
+
+    from cellvi.data import CountData
+    from cellvi.models.nbvae import batch_log_ratios
+
+    rng = np.random.default_rng(0)
+    n, g = 40_000, 300
+    X = sp.random(n, g, density=0.1, format="csr", dtype=np.float32, random_state=1)
+    X.data = np.ceil(X.data * 20).astype(np.float32)
+    X = X + sp.csr_matrix((np.ones(n, np.float32), (np.arange(n), np.zeros(n, int))), shape=(n, g))
+    X = sp.csr_matrix(X, dtype=np.float32)
+    covs = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], 1)
+    lib = np.asarray(X.sum(1), dtype=np.float64)
+    data = CountData(X, covs, ["a", "b"], {"a": ["0", "1", "2"], "b": ["0", "1"]},
+                     np.log(lib).astype(np.float32), [str(i) for i in range(g)])
+    dense = X.toarray() / lib
+    pooled = np.log(dense.mean(0) + 1e-6)
+    out = batch_log_ratios(data)
+    for j, n_cat in enumerate((3, 2)):
+        want = np.stack([np.log(dense[covs[:, j] == c].mean(0) + 1e-6) - pooled for c in range(n_cat)]) / 2
+        np.testing.assert_allclose(out[j], want, rtol=1e-4, atol=1e-4)
+    dense_out = batch_log_ratios(CountData(X.toarray(), covs, data.batch_keys, data.categories,
+                                           data.log_library, data.var_names))
+    np.testing.assert_allclose(dense_out[0], out[0], rtol=1e-4, atol=1e-4)
+    tracemalloc.start()
+    batch_log_ratios(data)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.25 * (X.data.nbytes + X.indices.nbytes)  # no copy of the counts

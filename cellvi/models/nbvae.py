@@ -42,16 +42,19 @@ def batch_log_ratios(data: CountData, pseudo: float = 1e-6) -> list[np.ndarray]:
     used to start the decoder's batch offsets where the data put them.
     """
     X = data.X
-    lib = np.exp(data.log_library[:, 0].astype(np.float64))
-    props = sp.diags(1.0 / lib) @ X if sp.issparse(X) else X / lib[:, None]
-    pooled = np.log(np.asarray(props.mean(0)).ravel() + pseudo)
+    n = X.shape[0]
+    # X.T @ (1 / library) and (one-hot / library) @ X: the proportions without copying X
+    # (weights in X's dtype: a float64 factor would make scipy copy X in float64)
+    inv_lib = np.exp(-data.log_library[:, 0].astype(np.float64)).astype(X.dtype)
+    pooled = np.log(np.asarray(X.T @ inv_lib, dtype=np.float64).ravel() / n + pseudo)
     out = []
     for j, key in enumerate(data.batch_keys):
         n_cat = len(data.categories[key])
-        onehot = sp.csr_matrix((np.ones(len(lib)), (data.covs[:, j], np.arange(len(lib)))),
-                               shape=(n_cat, len(lib)))
-        means = np.asarray((onehot @ props).todense() if sp.issparse(props) else onehot @ props)
-        means /= np.asarray(onehot.sum(1))
+        codes = data.covs[:, j]
+        weights = sp.csr_matrix(((inv_lib / np.bincount(codes, minlength=n_cat)[codes]).astype(X.dtype),
+                                 (codes, np.arange(n))), shape=(n_cat, n))
+        means = weights @ X
+        means = (means.toarray() if sp.issparse(means) else np.asarray(means)).astype(np.float64)
         out.append(((np.log(means + pseudo) - pooled) / len(data.batch_keys)).astype(np.float32))
     return out
 
