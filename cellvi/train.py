@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._settings import seeded
 from .checkpoint import Checkpointer
 from .device import DeviceData
@@ -168,19 +169,18 @@ HISTORY_KEYS = ("epoch", "train_elbo", "validation_elbo", "beta", "reconstructio
 @torch.no_grad()
 def evaluate(module: nn.Module, data: DeviceData, idx: torch.Tensor, batch_size: int = 1024,
              objective: ELBO | None = None) -> dict[str, float]:
-    """Mean ELBO (β = 1), ``log p(x|z)`` and KL per cell over the cells ``idx``, in eval mode."""
+    """Mean ELBO (β = 1), ``log p(x|z)`` and KL per cell over the cells ``idx``, in eval mode
+    (split over the processes of a data-parallel run, :mod:`cellvi.distributed`)."""
     objective = objective or ELBO()
     was_training = module.training
     module.eval()
-    total = recon = kl_sum = 0.0
-    for batch in data.iter_batches(idx, batch_size):
+    sums = torch.zeros(3, dtype=torch.float64, device=data.x.device)
+    for batch in data.iter_batches(distributed.shard(idx), batch_size):
         log_px, kl_z = objective.terms(module, batch)
-        total += float((log_px - 1.0 * kl_z).sum())
-        recon += float(log_px.sum())
-        kl_sum += float(kl_z.sum())
+        sums += torch.stack([(log_px - kl_z).sum(), log_px.sum(), kl_z.sum()]).double()
     module.train(was_training)
-    n = max(1, len(idx))
-    return dict(elbo=total / n, reconstruction=recon / n, kl=kl_sum / n)
+    total, recon, kl_sum = (float(v) / max(1, len(idx)) for v in distributed.sum_(sums))
+    return dict(elbo=total, reconstruction=recon, kl=kl_sum)
 
 
 def train(
@@ -221,11 +221,18 @@ def train(
     objective = objective or ELBO()
     callbacks = _as_callbacks(callbacks)
     device = data.x.device
+    rank, n_proc = distributed.world()
+    if n_proc > 1 and checkpoint is not None:
+        raise InvalidInputError("checkpoints are not supported in a data-parallel run yet; "
+                                "leave checkpoint_dir unset, or train in one process")
     val_idx, train_idx = _split(data.n_obs, cfg)
     batch_size = min(cfg.batch_size, len(train_idx))
+    if batch_size < 3 * n_proc:
+        raise InvalidInputError(f"batch_size={cfg.batch_size} is too small for {n_proc} "
+                                f"processes (each needs at least 3 cells of every mini-batch)")
     n_epoch = epoch_size(len(train_idx), cfg.epoch_cells)
-    # Drop a last batch smaller than 3 cells: BatchNorm cannot use it.
-    steps_per_epoch = max(1, n_epoch // batch_size + (n_epoch % batch_size >= 3))
+    # Drop a last batch smaller than 3 cells (per process): BatchNorm cannot use it.
+    steps_per_epoch = max(1, n_epoch // batch_size + (n_epoch % batch_size >= 3 * n_proc))
     max_epochs = cfg.max_epochs or default_max_epochs(data.n_obs, batch_size,
                                                       epoch_cells=cfg.epoch_cells)
     schedule = objective.beta
@@ -241,6 +248,9 @@ def train(
     best_state = None
 
     with seeded(cfg.seed, device):
+        if rank and cfg.seed is not None:  # other noise on each process; rank 0's is the single run's
+            torch.manual_seed(cfg.seed + 1_000_003 * rank)
+        distributed.broadcast_module(module)
         restored = checkpoint.load(module, optimizer) if checkpoint is not None else None
         if restored is not None:
             saved, best_state = restored
@@ -248,11 +258,13 @@ def train(
         history = run["history"]
         module.train()
         bar = tqdm(range(run["epoch"] + 1, max_epochs if not run["finished"] else 0),
-                   desc=cfg.desc, disable=None if cfg.verbose else True, leave=False)
+                   desc=cfg.desc, disable=None if cfg.verbose and not rank else True,
+                   leave=False)
         for epoch in bar:
             train_terms = _epoch_with_rollback(module, data, train_idx, batch_size,
                                                steps_per_epoch, objective, optimizer, schedule,
                                                run, epoch, cfg, callbacks)
+            distributed.broadcast_module(module, buffers_only=True)
             for callback in callbacks:
                 callback.on_epoch_end(epoch, history)
             val = (evaluate(module, data, val_idx, objective=objective) if len(val_idx)
@@ -302,7 +314,8 @@ def _epoch_with_rollback(module, data, train_idx, batch_size, steps_per_epoch, o
     while True:
         for callback in callbacks:
             callback.on_epoch_start(epoch)
-        batches = torch.split(train_idx[torch.randperm(len(train_idx))], batch_size)
+        order = distributed.broadcast_(train_idx[torch.randperm(len(train_idx))])
+        batches = torch.split(order, batch_size)
         try:
             terms, run["step"] = _epoch(module, data, batches[:steps_per_epoch], objective,
                                         optimizer, schedule, run["step"], epoch, cfg)
@@ -339,10 +352,13 @@ def _epoch(module, data, batches, objective, optimizer, schedule, step, epoch, c
     """One pass of optimiser steps: ``({train_elbo, reconstruction, kl} per cell, step)``."""
     sums = torch.zeros(3, device=data.x.device)  # loss, log p(x|z), KL, summed over cells
     seen = 0
+    parallel = distributed.active()
     for idx in batches:
+        idx = distributed.shard(idx)  # this process's share of the mini-batch
         loss, log_px, kl_z = objective.loss(module, data.batch(idx), schedule(step), data.n_obs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(module)
         if cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -350,9 +366,10 @@ def _epoch(module, data, batches, objective, optimizer, schedule, step, epoch, c
             sums += torch.stack([loss * len(idx), log_px.sum(), kl_z.sum()])
         seen += len(idx)
         step += 1
-        if data.x.device.type == "cpu" and not math.isfinite(float(loss.detach())):
-            raise _NonFinite(step)
-    total, recon, kl_sum = (float(v) / max(1, seen) for v in sums)
+        if data.x.device.type == "cpu" and not parallel and not math.isfinite(float(loss.detach())):
+            raise _NonFinite(step)  # (in parallel, the reduced sums below decide for all)
+    reduced = distributed.sum_(torch.cat([sums.double(), sums.new_tensor([seen]).double()]))
+    total, recon, kl_sum = (float(v) / max(1.0, float(reduced[3])) for v in reduced[:3])
     if not math.isfinite(total):
         raise _NonFinite(step)
     return dict(train_elbo=-total, reconstruction=recon, kl=kl_sum), step

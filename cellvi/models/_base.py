@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
+from .. import distributed
 from .._settings import deterministic_block, resolve_device, seeded
 from ..checkpoint import Checkpointer
 from ..data import as_batch_keys, check_var_names, encode_covariates
@@ -189,7 +190,7 @@ class Model(ABC):
         """Check the seed, build a fresh module on the device: ``(arrays, device data, seed)``."""
         arrays = self._require_data()
         seed = check_seed(seed)
-        dev = resolve_device(device)
+        dev = distributed.setup(resolve_device(device))  # joins torchrun's group, if any
         self.device = dev
         self.module = self._build(seed).to(dev)
         return arrays, self._to_device(arrays, dev), seed

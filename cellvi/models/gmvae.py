@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from .. import distributed
 from .._settings import seeded
 from ..data import ContinuousData, check_finite, prepare_continuous, select_markers
 from ..decoders import ContinuousDecoder
@@ -316,6 +317,10 @@ class GMVAE(Model):
                 f"schedule.merge_rounds=0 cannot merge the {s['n_start']} starting components "
                 f"down to n_components={s['n_components']}; use merge_rounds >= 1, or "
                 "overcluster=False to train exactly n_components components")
+        if distributed.launched() or distributed.active():
+            raise InvalidInputError(
+                "the GMVAE does not train data-parallel yet (its M-steps and merges read "
+                "every cell); run it in one process (without torchrun)")
         arrays, data, seed = self._start_fit(seed, device)
         train_kwargs.setdefault("kl_warmup_steps", 0)  # the warm-up phase did that job
         config = self._train_config(seed=seed, verbose=verbose, batch_size=batch_size, lr=lr,

@@ -1,0 +1,25 @@
+"""Worker of ``test_distributed.py``: fits an NB-VAE (under ``torchrun``: data-parallel) and
+writes the fit's figures to ``<out>/rank<r>.json``. ``python tests/_ddp_fit.py OUT SEED``."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import cellvi
+from cellvi import distributed
+
+out, seed = Path(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(1)
+adata = cellvi.datasets.synthetic_counts(2000, 200, n_groups=3, n_batches=2, seed=1)
+model = cellvi.models.NBVAE(adata, batch_key="batch", n_hidden=64)
+model.fit(max_epochs=25, seed=seed, verbose=False, device="cpu", early_stopping=False)
+weights = b"".join(v.numpy().tobytes() for v in model.module.state_dict().values())
+rank, size = distributed.world()
+out.mkdir(parents=True, exist_ok=True)
+(out / f"rank{rank}.json").write_text(json.dumps(dict(
+    rank=rank, size=size, seed=seed, elbo=float(model.elbo(adata, n_samples=8).mean()),
+    weights=hashlib.sha256(weights).hexdigest(), device=str(model.device),
+    validation_elbo=model.history["validation_elbo"], main=distributed.is_main_process())))
