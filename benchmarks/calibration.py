@@ -179,7 +179,7 @@ def main(argv=None) -> None:
                rows=[])
     t0 = time.perf_counter()
     cellvi = import_cellvi()
-    import cellvi.diagnostics  # noqa: F401
+    import cellvi.diagnostics  # noqa: F401, F811
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -131,8 +131,9 @@ def test_protocol_batches_thin_real_counts_with_known_effects():
 
 
 def test_cytometry_batches_are_monotone_per_population_and_keep_the_reference():
-    import cellvi
     from scipy.stats import spearmanr
+
+    import cellvi
 
     src = cellvi.datasets.synthetic_cytometry(3000, 6, n_populations=3, n_batches=1, seed=2)
     before = src.X.copy()

@@ -225,7 +225,7 @@ def test_encode_batch_false_feeds_the_batch_to_the_decoder_only(sim_adata, tmp_p
     model.fit(max_epochs=2, verbose=False)
     relabelled = ad.copy()
     cats = list(ad.obs["batch"].cat.categories)
-    relabelled.obs["batch"] = ad.obs["batch"].map(dict(zip(cats, cats[::-1]))).astype("category")
+    relabelled.obs["batch"] = ad.obs["batch"].map(dict(zip(cats, cats[::-1], strict=True))).astype("category")
     np.testing.assert_array_equal(model.get_latent(ad), model.get_latent(relabelled))
     assert model.module.decoder is not None and model.settings["encode_batch"] is False
     model.save(tmp_path / "m")
