@@ -80,14 +80,19 @@ def nonzeros_of(x: torch.Tensor) -> NonZeros:
 
 
 def _per_cell(n_cells: int, rows: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(n_cells, dtype=terms.dtype, device=terms.device).index_add(0, rows, terms)
+    """Sums of ``terms`` ``(..., nnz)`` per cell: ``(..., n_cells)``."""
+    out = torch.zeros(*terms.shape[:-1], n_cells, dtype=terms.dtype, device=terms.device)
+    return out.index_add(-1, rows, terms)
 
 
 def _gather(param: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Entries (rows, cols) of a per-gene ``(G,)``/``(1, G)`` or per-cell ``(B, G)`` tensor."""
-    if param.dim() == 1 or param.shape[0] == 1:
-        return param.reshape(-1)[cols]
-    return param[rows, cols]
+    """Entries (rows, cols) of a per-gene ``(G,)``/``(..., 1, G)`` or per-cell ``(..., B, G)``
+    tensor, leading sample dimensions kept: ``(..., nnz)``."""
+    if param.dim() == 1:
+        return param[cols]
+    if param.shape[-2] == 1:
+        return param[..., 0, cols]
+    return param[..., rows, cols]
 
 
 def _nb_lgamma_nz(v: torch.Tensor, theta_nz: torch.Tensor) -> torch.Tensor:
@@ -161,7 +166,7 @@ class Poisson(_CountDistribution):
         return value * self.log_mu - self.mu + sparse_lgamma_terms(value, None)
 
     def log_prob_cells(self, value: torch.Tensor, nonzero: NonZeros | None = None) -> torch.Tensor:
-        if nonzero is None or self.log_mu.dim() != 2:
+        if nonzero is None or value.dim() != 2:
             return super().log_prob_cells(value)
         rows, cols, v = nonzero
         with torch.no_grad():
@@ -205,9 +210,9 @@ class NegativeBinomial(_CountDistribution):
         return self._log_nb_dense(value) + sparse_lgamma_terms(value, self.theta)
 
     def log_prob_cells(self, value: torch.Tensor, nonzero: NonZeros | None = None) -> torch.Tensor:
-        if nonzero is None or self.log_mu.dim() != 2:
+        if nonzero is None or value.dim() != 2:
             return super().log_prob_cells(value)
-        rows, cols, v = nonzero
+        rows, cols, v = nonzero  # of the cells x genes value; parameters may have samples in front
         sparse = _nb_lgamma_nz(v, _gather(self.theta, rows, cols))
         return self._log_nb_dense(value).sum(-1) + _per_cell(value.shape[0], rows, sparse)
 
@@ -261,15 +266,15 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         return torch.where(value > 0, nonzero_case, zero_case)
 
     def log_prob_cells(self, value: torch.Tensor, nonzero: NonZeros | None = None) -> torch.Tensor:
-        if nonzero is None or self.log_mu.dim() != 2:
+        if nonzero is None or value.dim() != 2:
             return super().log_prob_cells(value)
         rows, cols, v = nonzero
         log_nb = self._log_nb_dense(value)
         log_not_gate = -F.softplus(self.gate_logits)
         zero_case = torch.logaddexp(self.gate_logits + log_not_gate, log_not_gate + log_nb)
         # at the non-zeros, swap the zero case for log(1 - gate) + log NB(x)
-        swap = (log_not_gate[rows, cols] + log_nb[rows, cols] - zero_case[rows, cols]
-                + _nb_lgamma_nz(v, _gather(self.theta, rows, cols)))
+        swap = (_gather(log_not_gate, rows, cols) + _gather(log_nb, rows, cols)
+                - _gather(zero_case, rows, cols) + _nb_lgamma_nz(v, _gather(self.theta, rows, cols)))
         return zero_case.sum(-1) + _per_cell(value.shape[0], rows, swap)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:

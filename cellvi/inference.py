@@ -48,7 +48,7 @@ def _frozen(module: torch.nn.Module):
 def _elbo_samples(module, batch, qz: Distribution, n_samples: int) -> torch.Tensor:
     """``log p(x|z) - KL`` for ``n_samples`` samples of ``qz``: ``(n_samples, cells)``."""
     z = qz.rsample((n_samples,))
-    log_px = log_likelihood(module.decode(z, batch), batch["x"])
+    log_px = log_likelihood(module.decode(z, batch), batch["x"], batch.get("x_nonzero"))
     return log_px - kl(qz, module.prior(), z)
 
 
@@ -70,7 +70,7 @@ def log_weights(module, batch: dict, qz: Distribution, n_samples: int,
         prior = module.prior()
         for start in range(0, n_samples, chunk):
             z = qz.sample((min(chunk, n_samples - start),))
-            out.append(log_likelihood(module.decode(z, batch), batch["x"])
+            out.append(log_likelihood(module.decode(z, batch), batch["x"], batch.get("x_nonzero"))
                        + prior.log_prob(z) - qz.log_prob(z))
     return torch.cat(out)
 

@@ -191,7 +191,7 @@ class IWAE(ELBO):
     def loss(self, module, batch, beta: float, n_obs: int):
         qz = module.encode(batch)
         z = qz.rsample((self.n_samples,))
-        log_px = log_likelihood(module.decode(z, batch), batch["x"])
+        log_px = log_likelihood(module.decode(z, batch), batch["x"], batch.get("x_nonzero"))
         log_ratio = (self.prior or module.prior)().log_prob(z) - qz.log_prob(z)
         bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(self.n_samples)
         loss = -bound.mean()

@@ -139,3 +139,27 @@ def test_nb_core_gradcheck(theta_shape):
     # broadcasting over a leading sample dimension (IWAE)
     stacked = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda m, t: _NBCore.apply(x, m, t), (stacked, theta))
+
+
+@pytest.mark.parametrize("which", ["nb", "zinb", "poisson"])
+@pytest.mark.parametrize("theta_shape", [(40,), (1, 40), (64, 40), (5, 64, 40)])
+def test_per_cell_sums_from_nonzeros_with_sample_dimensions(which, theta_shape):
+    """Parameters ``(samples, cells, genes)`` against cells x genes data (the ELBO, IWAE and
+    outlier passes): the non-zero path equals the dense sum, gradients included."""
+    from cellvi.distributions import nonzeros_of
+
+    x, _, theta, _ = _inputs(12, theta_shape=theta_shape)
+    g = torch.Generator().manual_seed(5)
+    log_mu = torch.randn(5, 64, 40, generator=g, dtype=torch.float64) * 2
+    gate = torch.randn(5, 64, 40, generator=g, dtype=torch.float64)
+    make = {"nb": lambda m: NegativeBinomial(m, theta), "poisson": Poisson,
+            "zinb": lambda m: ZeroInflatedNegativeBinomial(m, theta, gate)}[which]
+    a = log_mu.clone().requires_grad_()
+    b = log_mu.clone().requires_grad_()
+    sparse = make(a).log_prob_cells(x, nonzeros_of(x))
+    dense = make(b).log_prob(x).sum(-1)
+    assert sparse.shape == (5, 64)
+    torch.testing.assert_close(sparse, dense)
+    sparse.sum().backward()
+    dense.sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
