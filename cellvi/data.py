@@ -20,8 +20,38 @@ from .errors import InvalidInputError, InvalidTypeError, MissingKeyError
 
 logger = logging.getLogger("cellvi")
 
-__all__ = ["CountData", "ContinuousData", "prepare_continuous", "get_matrix", "check_finite", "check_counts", "encode_covariates",
-           "prepare_counts", "check_writable", "check_unique_names", "as_batch_keys"]
+__all__ = ["CountData", "ContinuousData", "BackedRows", "prepare_continuous", "get_matrix",
+           "check_finite", "check_counts", "encode_covariates", "prepare_counts", "check_writable",
+           "check_unique_names", "as_batch_keys"]
+
+#: rows read at a time from a backed AnnData
+CHUNK_ROWS = 16_384
+
+
+class BackedRows:
+    """The matrix of a backed AnnData (``anndata.read_h5ad(path, backed="r")``), read in
+    contiguous row chunks through anndata's own readers; never held in memory whole.
+
+    ``chunk(start, stop)`` is a ``float32`` CSR block (dense on-disk matrices too), and
+    ``chunks()`` walks the rows in order.
+    """
+
+    def __init__(self, matrix, chunk_rows: int | None = None):
+        self.matrix = matrix
+        self.shape = tuple(int(n) for n in matrix.shape)
+        self.chunk_rows = int(chunk_rows or CHUNK_ROWS)
+        self.dtype = np.dtype(np.float32)
+
+    def chunk(self, start: int, stop: int) -> sp.csr_matrix:
+        block = self.matrix[start:stop]
+        if sp.issparse(block):
+            return sp.csr_matrix(block, dtype=np.float32)
+        return sp.csr_matrix(np.asarray(block, dtype=np.float32))
+
+    def chunks(self):
+        """``(start, csr block)`` for every chunk of rows, in order."""
+        for start in range(0, self.shape[0], self.chunk_rows):
+            yield start, self.chunk(start, min(self.shape[0], start + self.chunk_rows))
 
 
 @dataclass
@@ -53,15 +83,20 @@ def as_batch_keys(batch_key: str | Sequence[str] | None) -> list[str]:
     return list(batch_key)
 
 
-def get_matrix(adata: AnnData, layer: str | None = None):
-    """The matrix in ``layer`` (or ``X``), after checking it can be read."""
+def get_matrix(adata: AnnData, layer: str | None = None, *, backed: bool = False):
+    """The matrix in ``layer`` (or ``X``), after checking it can be read. With ``backed``,
+    the ``X`` of a backed AnnData comes as :class:`BackedRows` (layers of a backed AnnData
+    are in memory); without, a backed ``X`` is refused with what to do."""
     if not isinstance(adata, AnnData):
         raise InvalidTypeError(f"expected an AnnData object, got {type(adata).__name__}")
-    if adata.isbacked:
-        raise InvalidInputError(
-            "this AnnData is backed on disk (opened with backed='r'); load it into memory "
-            "first with adata = adata.to_memory()"
-        )
+    if adata.isbacked and layer is None:
+        if backed and adata.n_obs and adata.n_vars:
+            return BackedRows(adata.X)
+        if not backed:
+            raise InvalidInputError(
+                "this AnnData is backed on disk (opened with backed='r') and this function "
+                "needs it in memory; load it first with adata = adata.to_memory()"
+            )
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InvalidInputError(f"AnnData is empty ({adata.n_obs} cells x {adata.n_vars} features)")
     if layer is None:
@@ -100,6 +135,12 @@ def check_finite(X, where: str) -> None:
 
 def check_counts(X, where: str) -> None:
     """Non-negative integers, no empty cells (error); empty genes (warning)."""
+    check_count_values(X, where)
+    check_count_totals(np.asarray(X.sum(axis=1)).ravel(), np.asarray(X.sum(axis=0)).ravel(), where)
+
+
+def check_count_values(X, where: str) -> None:
+    """Non-negative integers (error otherwise, saying what to pass instead)."""
     vals = _values(X)
     if (vals < 0).any():
         raise InvalidInputError(
@@ -115,21 +156,23 @@ def check_counts(X, where: str) -> None:
             "A count likelihood needs raw integer counts: pass layer='counts' (keep raw counts "
             "with adata.layers['counts'] = adata.X.copy() before normalizing)."
         )
-    totals = np.asarray(X.sum(axis=1)).ravel()
+
+
+def check_count_totals(totals: np.ndarray, gene_totals: np.ndarray, where: str) -> None:
+    """No empty cells (error); empty genes (warning)."""
     empty = int((totals == 0).sum())
     if empty:
         raise InvalidInputError(
             f"{empty} cells have zero total counts in {where}; remove them first, e.g. "
             "sc.pp.filter_cells(adata, min_counts=1)"
         )
-    gene_totals = np.asarray(X.sum(axis=0)).ravel()
     n_empty_genes = int((gene_totals == 0).sum())
     if n_empty_genes:
         warnings.warn(
             f"{n_empty_genes} genes have zero counts in every cell; they carry no information "
             "(sc.pp.filter_genes(adata, min_cells=1) removes them)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -204,18 +247,37 @@ def prepare_counts(
         categories: known categories (when applying a trained model).
         check: validate the values (a trained model's callers have checked the features).
     """
-    X = get_matrix(adata, layer)
+    X = get_matrix(adata, layer, backed=True)
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
     check_unique_names(adata)
-    X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
-    if check:
-        check_finite(X, where)
-        check_counts(X, where)
+    if isinstance(X, BackedRows):
+        totals = _scan_backed_counts(X, where, check).reshape(-1, 1)
+    else:
+        X = sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, dtype=np.float32)
+        if check:
+            check_finite(X, where)
+            check_counts(X, where)
+        totals = np.asarray(X.sum(axis=1), dtype=np.float64).reshape(-1, 1)
     keys = as_batch_keys(batch_key)
     covs, cats = encode_covariates(adata, keys, categories)
-    totals = np.asarray(X.sum(axis=1), dtype=np.float64).reshape(-1, 1)
     log_library = np.log(np.maximum(totals, 1.0)).astype(np.float32)
     return CountData(X, covs, keys, cats, log_library, list(map(str, adata.var_names)))
+
+
+def _scan_backed_counts(X: BackedRows, where: str, check: bool) -> np.ndarray:
+    """One pass over a backed matrix: the library sizes, with every check of
+    :func:`check_counts` made chunk by chunk (same messages)."""
+    totals = np.empty(X.shape[0], dtype=np.float64)
+    gene_totals = np.zeros(X.shape[1], dtype=np.float64)
+    for start, block in X.chunks():
+        if check:
+            check_finite(block, where)
+            check_count_values(block, where)
+        totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+        gene_totals += np.asarray(block.sum(axis=0), dtype=np.float64).ravel()
+    if check:
+        check_count_totals(totals, gene_totals, where)
+    return totals
 
 
 def check_unique_names(adata: AnnData) -> None:
@@ -250,6 +312,12 @@ def check_var_names(adata: AnnData, var_names: Sequence[str]) -> None:
 
 def check_writable(adata: AnnData, copy: bool) -> None:
     """Refuse to write results into a view (it would silently turn into a copy)."""
+    if adata.isbacked and copy:
+        raise InvalidInputError(
+            "copy=True on a backed AnnData would load the whole matrix into memory; write "
+            "the results into it (copy=False; they stay in memory until you write the "
+            "file), or load it first with adata = adata.to_memory()"
+        )
     if adata.is_view and not copy:
         raise InvalidInputError(
             "adata is a view of another AnnData; writing results would silently make it a "
@@ -311,12 +379,10 @@ def prepare_continuous(
     fluorescence channels whose spillover matrix is in ``adata.uns`` but which were never
     compensated (suggest :func:`cellvi.pp.compensate`).
     """
-    X = get_matrix(adata, layer)
     where = f"adata.layers[{layer!r}]" if layer is not None else "adata.X"
     check_unique_names(adata)
     cols = select_markers(adata, markers)
-    X = X[:, cols]
-    X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+    X = marker_matrix(adata, layer, cols)
     var_names = list(map(str, adata.var_names[cols]))
     if check:
         check_finite(X, where)
@@ -325,6 +391,16 @@ def prepare_continuous(
     keys = as_batch_keys(batch_key)
     covs, cats = encode_covariates(adata, keys, categories)
     return ContinuousData(X, covs, keys, cats, var_names)
+
+
+def marker_matrix(adata: AnnData, layer: str | None, cols) -> np.ndarray:
+    """The columns ``cols`` of ``layer`` (or ``X``) as a dense ``float32`` array; a backed
+    ``X`` is read in row chunks (a few markers fit in memory even for millions of events)."""
+    X = get_matrix(adata, layer, backed=True)
+    if isinstance(X, BackedRows):
+        return np.concatenate([block[:, cols].toarray() for _, block in X.chunks()])
+    X = X[:, cols]
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
 
 
 def _check_channels(X: np.ndarray, var_names: list[str], where: str) -> None:

@@ -8,15 +8,17 @@ the batches also carry their non-zeros, so that the count likelihoods spend thei
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .data import BackedRows
 from .distributions import nonzeros_of
 
-__all__ = ["DeviceMatrix", "DeviceData"]
+__all__ = ["DeviceMatrix", "StreamedMatrix", "DeviceData"]
 
 
 class DeviceMatrix:
@@ -74,6 +76,92 @@ class DeviceMatrix:
         return out
 
 
+class StreamedMatrix:
+    """The rows of a backed matrix (:class:`cellvi.data.BackedRows`), read a chunk at a time
+    and kept in a small cache of recent chunks (each a :class:`DeviceMatrix`), so that memory
+    stays constant whatever the number of cells.
+
+    Training reads it in *block-shuffled* order (:meth:`order`): the chunks in a random
+    order, and the cells of every ``window`` consecutive chunks of that order shuffled
+    together, so that each mini-batch mixes cells of ``window`` random chunks and each
+    chunk is read about once per pass. Sequential passes (inference) read each chunk once.
+    """
+
+    def __init__(self, source, device: torch.device, *, window: int = 4, cache: int = 8):
+        self.source = source
+        self.shape = source.shape
+        self.device = device
+        self.sparse = True
+        self.block = source.chunk_rows
+        self.window = int(window)
+        self._cache: OrderedDict[int, DeviceMatrix] = OrderedDict()
+        self._cache_size = max(int(cache), 2 * self.window)
+        self.reads = 0  # chunks read from disk so far
+
+    def _chunk(self, b: int) -> DeviceMatrix:
+        if b in self._cache:
+            self._cache.move_to_end(b)
+            return self._cache[b]
+        start = b * self.block
+        block = DeviceMatrix(self.source.chunk(start, min(self.shape[0], start + self.block)),
+                             self.device)
+        self.reads += 1
+        self._cache[b] = block
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return block
+
+    def order(self, idx: torch.Tensor) -> torch.Tensor:
+        """``idx`` in block-shuffled order (torch's global random state); cells of at most
+        ``window`` chunks are simply permuted, as in memory."""
+        blocks = idx // self.block
+        present = torch.unique(blocks)
+        if len(present) <= self.window:
+            return idx[torch.randperm(len(idx))]
+        rank = torch.zeros(int(present.max()) + 1 if len(present) else 1, dtype=torch.long)
+        rank[present[torch.randperm(len(present))]] = torch.arange(len(present))
+        key = (rank[blocks] // self.window).double() + torch.rand(len(idx), dtype=torch.float64)
+        return idx[torch.argsort(key)]
+
+    def rows(self, idx: torch.Tensor, with_nonzeros: bool = False):
+        """As :meth:`DeviceMatrix.rows`, chunk by chunk, rows in the order of ``idx``."""
+        idx = idx.cpu()
+        blocks = idx // self.block
+        sorted_blocks, perm = torch.sort(blocks, stable=True)
+        present, counts = torch.unique_consecutive(sorted_blocks, return_counts=True)
+        parts, nz_parts, offset = [], [], 0
+        for b, c in zip(present.tolist(), counts.tolist(), strict=True):
+            local = idx[perm[offset:offset + c]] - b * self.block
+            got = self._chunk(b).rows(local, with_nonzeros)
+            if with_nonzeros:
+                got, (r, cols, vals) = got
+                nz_parts.append((r + offset, cols, vals))
+            parts.append(got)
+            offset += c
+        grouped = torch.cat(parts) if parts else torch.zeros(0, self.shape[1], device=self.device)
+        position = torch.empty_like(perm)
+        position[perm] = torch.arange(len(perm))  # grouped row of each requested row
+        out = grouped[position.to(self.device)]
+        if not with_nonzeros:
+            return out
+        where = perm.to(self.device)  # the requested position of each grouped row
+        rows = torch.cat([where[r] for r, _, _ in nz_parts]) if nz_parts else position[:0]
+        cols = torch.cat([c for _, c, _ in nz_parts]) if nz_parts else position[:0]
+        vals = torch.cat([v for _, _, v in nz_parts]) if nz_parts else out.new_zeros(0)
+        keep = torch.argsort(rows, stable=True)  # row-major, as SparseRows needs
+        return out, (rows[keep], cols[keep], vals[keep])
+
+    def to_csr(self, idx: torch.Tensor) -> sp.csr_matrix:
+        """Rows ``idx`` (sorted) as an in-memory CSR matrix, read chunk by chunk."""
+        idx = np.asarray(idx.cpu())
+        parts = []
+        for b in np.unique(idx // self.block):
+            local = idx[idx // self.block == b] - b * self.block
+            start = int(b) * self.block
+            parts.append(self.source.chunk(start, min(self.shape[0], start + self.block))[local])
+        return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.shape[1]))
+
+
 @dataclass
 class DeviceData:
     """All tensors a model needs, resident on one device.
@@ -93,6 +181,26 @@ class DeviceData:
         if self.nonzeros is None:
             self.nonzeros = self.x.device.type == "cpu"
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.x, StreamedMatrix)
+
+    def shuffle(self, idx: torch.Tensor) -> torch.Tensor:
+        """A random order of the cells ``idx`` for one epoch (block-shuffled when the matrix
+        is streamed from disk, :meth:`StreamedMatrix.order`)."""
+        return self.x.order(idx) if self.streamed else idx[torch.randperm(len(idx))]
+
+    def holdout(self, idx: torch.Tensor) -> tuple[DeviceData, torch.Tensor]:
+        """Data and indices to evaluate the cells ``idx`` on repeatedly: themselves, or, for a
+        streamed matrix, those cells read once into memory (random cells would otherwise
+        read a chunk each)."""
+        if not self.streamed or not len(idx):
+            return self, idx
+        idx = torch.sort(idx.cpu()).values
+        dev = self.x.device
+        obs = {k: v[idx.to(v.device)] for k, v in self.obs.items()}
+        return DeviceData(DeviceMatrix(self.x.to_csr(idx), dev), obs, self.nonzeros), torch.arange(len(idx))
+
     @classmethod
     def from_arrays(cls, X, device: torch.device, **obs: np.ndarray | None) -> DeviceData:
         tensors = {}
@@ -101,7 +209,8 @@ class DeviceData:
                 continue
             dtype = torch.long if np.issubdtype(np.asarray(value).dtype, np.integer) else torch.float32
             tensors[key] = torch.as_tensor(np.asarray(value), dtype=dtype, device=device)
-        return cls(DeviceMatrix(X, device), tensors)
+        matrix = StreamedMatrix(X, device) if isinstance(X, BackedRows) else DeviceMatrix(X, device)
+        return cls(matrix, tensors)
 
     @property
     def n_obs(self) -> int:

@@ -36,7 +36,7 @@ import torch
 from anndata import AnnData
 
 from .data import as_batch_keys, get_matrix
-from .errors import InvalidTypeError, MissingKeyError
+from .errors import InvalidInputError, InvalidTypeError, MissingKeyError
 from .inference import elbo_per_cell, iwae_per_cell, refine
 
 __all__ = ["amortization_gap", "outlier_scores", "predictive_check", "calibration_report",
@@ -143,6 +143,9 @@ def doublet_scores(model, adata: AnnData, *, n_simulated: int | None = None,
                                f"{type(model).__name__}: sums of transformed cytometry values "
                                "are not doublets")
     model._require_trained()
+    if adata.isbacked:
+        raise InvalidInputError("doublet_scores needs the counts in memory (it sums pairs of "
+                                "cells); load them first with adata = adata.to_memory()")
     d = model._prepare(adata)
     X = sp.csr_matrix(d.X, dtype=np.float32)
     n = X.shape[0]

@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch  # noqa: F401  (the device annotation)
 from anndata import AnnData
 
 from . import __version__
 from .clustering import group_medians
-from .data import check_writable, get_matrix, select_markers
+from .data import check_writable, marker_matrix, select_markers
 from .diagnostics import outlier_scores
 from .errors import InvalidTypeError
 from .models import GMVAE, NBVAE
@@ -270,8 +269,7 @@ def gmvae(
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
     out = model.transform(adata, refine_steps=refine_steps)
     labels = out.labels
-    X = get_matrix(adata, layer)[:, select_markers(adata, model.var_names)]
-    X = np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+    X = marker_matrix(adata, layer, select_markers(adata, model.var_names))
     medians = pd.DataFrame(group_medians(X, labels.codes, len(labels.categories)),
                            index=list(labels.categories), columns=model.var_names)
     outlier = outlier_scores(model, adata, seed=seed)

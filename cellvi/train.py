@@ -242,6 +242,7 @@ def train(
             warmup = min(2000, max_epochs * steps_per_epoch // 4)
         schedule = LinearWarmup(warmup, end=float(cfg.kl_weight))
     use_val = cfg.early_stopping and len(val_idx) > 0
+    val_data, val_idx = data.holdout(val_idx)  # streamed data: the held-out cells in memory
     optimizer = _adam(module, cfg.lr, cfg.weight_decay)
     run = dict(history={key: [] for key in HISTORY_KEYS}, epoch=-1, step=0, best=-math.inf,
                bad_epochs=0, retries=0, finished=False)
@@ -267,7 +268,7 @@ def train(
             distributed.broadcast_module(module, buffers_only=True)
             for callback in callbacks:
                 callback.on_epoch_end(epoch, history)
-            val = (evaluate(module, data, val_idx, objective=objective) if len(val_idx)
+            val = (evaluate(module, val_data, val_idx, objective=objective) if len(val_idx)
                    else dict(elbo=math.nan, reconstruction=math.nan, kl=math.nan))
             for key, value in (("epoch", epoch), ("beta", schedule(run["step"])),
                                ("lr", optimizer.param_groups[0]["lr"]), *train_terms.items(),
@@ -314,7 +315,7 @@ def _epoch_with_rollback(module, data, train_idx, batch_size, steps_per_epoch, o
     while True:
         for callback in callbacks:
             callback.on_epoch_start(epoch)
-        order = distributed.broadcast_(train_idx[torch.randperm(len(train_idx))])
+        order = distributed.broadcast_(data.shuffle(train_idx))
         batches = torch.split(order, batch_size)
         try:
             terms, run["step"] = _epoch(module, data, batches[:steps_per_epoch], objective,

@@ -12,7 +12,7 @@ import torch
 from anndata import AnnData
 
 from .._settings import seeded
-from ..data import CountData, check_var_names, prepare_counts
+from ..data import BackedRows, CountData, check_var_names, prepare_counts
 from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
 from ..errors import InvalidInputError, MissingKeyError
@@ -46,17 +46,24 @@ def batch_log_ratios(data: CountData, pseudo: float = 1e-6) -> list[np.ndarray]:
     # X.T @ (1 / library) and (one-hot / library) @ X: the proportions without copying X
     # (weights in X's dtype: a float64 factor would make scipy copy X in float64)
     inv_lib = np.exp(-data.log_library[:, 0].astype(np.float64)).astype(X.dtype)
-    pooled = np.log(np.asarray(X.T @ inv_lib, dtype=np.float64).ravel() / n + pseudo)
-    out = []
+    weights = []
     for j, key in enumerate(data.batch_keys):
         n_cat = len(data.categories[key])
         codes = data.covs[:, j]
-        weights = sp.csr_matrix(((inv_lib / np.bincount(codes, minlength=n_cat)[codes]).astype(X.dtype),
-                                 (codes, np.arange(n))), shape=(n_cat, n))
-        means = weights @ X
-        means = (means.toarray() if sp.issparse(means) else np.asarray(means)).astype(np.float64)
-        out.append(((np.log(means + pseudo) - pooled) / len(data.batch_keys)).astype(np.float32))
-    return out
+        w = (inv_lib / np.bincount(codes, minlength=n_cat)[codes]).astype(X.dtype)
+        weights.append(sp.csr_matrix((w, (codes, np.arange(n))), shape=(n_cat, n)))
+    pooled = np.zeros(X.shape[1])
+    means = [np.zeros((w.shape[0], X.shape[1])) for w in weights]
+    blocks = X.chunks() if isinstance(X, BackedRows) else [(0, X)]
+    for start, block in blocks:
+        stop = start + block.shape[0]
+        pooled += np.asarray(block.T @ inv_lib[start:stop], dtype=np.float64).ravel()
+        for m, w in zip(means, weights, strict=True):
+            part = w[:, start:stop] @ block
+            m += part.toarray() if sp.issparse(part) else np.asarray(part)
+    pooled = np.log(pooled / n + pseudo)
+    return [((np.log(m + pseudo) - pooled) / len(data.batch_keys)).astype(np.float32)
+            for m in means]
 
 
 class NBVAEOutput:
