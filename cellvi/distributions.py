@@ -213,8 +213,28 @@ class NegativeBinomial(_CountDistribution):
         if nonzero is None or value.dim() != 2:
             return super().log_prob_cells(value)
         rows, cols, v = nonzero  # of the cells x genes value; parameters may have samples in front
+        if not (torch.is_grad_enabled() and (self.log_mu.requires_grad or self.theta.requires_grad)):
+            return self._log_prob_cells_inference(value.shape[0], rows, cols, v)
         sparse = _nb_lgamma_nz(v, _gather(self.theta, rows, cols))
         return self._log_nb_dense(value).sum(-1) + _per_cell(value.shape[0], rows, sparse)
+
+    def _log_prob_cells_inference(self, n_cells: int, rows, cols, v) -> torch.Tensor:
+        """The per-cell sum without gradients, in two dense passes instead of six: with
+        ``s = log mu - log theta``, ``Σ_g [x s - (theta + x) softplus(s)]`` is
+        ``-Σ_g theta softplus(s)`` (dense; a matrix product for per-gene ``theta``) plus
+        ``Σ_nz x log sigmoid(s)`` over the non-zeros only."""
+        theta = self.theta
+        s = self.log_mu - torch.log(theta)
+        s_nz = _gather(s, rows, cols)
+        sp = F.softplus(s)
+        if theta.dim() == 1:
+            dense = -(sp @ theta)
+        elif theta.dim() == 2 and theta.shape[0] == 1:
+            dense = -(sp @ theta[0])
+        else:
+            dense = -(sp * theta).sum(-1)
+        sparse = v * F.logsigmoid(s_nz) + _nb_lgamma_nz(v, _gather(theta, rows, cols))
+        return dense + _per_cell(n_cells, rows, sparse)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
         with torch.no_grad():

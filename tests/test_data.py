@@ -104,11 +104,18 @@ def test_unknown_categories_when_applying(small_adata):
         encode_covariates(other, ["batch"], cats)
 
 
-def test_backed_is_refused(small_adata, tmp_path):
+def test_backed_is_streamed_by_models_and_refused_where_memory_is_needed(small_adata, tmp_path):
+    from cellvi.data import BackedRows
+
     small_adata.write_h5ad(tmp_path / "a.h5ad")
     backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    assert isinstance(prepare_counts(backed).X, BackedRows)
     with pytest.raises(ValueError, match="to_memory"):
-        prepare_counts(backed)
+        get_matrix(backed)
+    import cellvi
+
+    with pytest.raises(ValueError, match="to_memory"):
+        cellvi.pp.arcsinh(backed)
 
 
 def test_not_anndata():

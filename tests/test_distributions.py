@@ -160,6 +160,10 @@ def test_per_cell_sums_from_nonzeros_with_sample_dimensions(which, theta_shape):
     dense = make(b).log_prob(x).sum(-1)
     assert sparse.shape == (5, 64)
     torch.testing.assert_close(sparse, dense)
+    with torch.no_grad():  # the inference path (NB: two dense passes) gives the same sums
+        torch.testing.assert_close(make(log_mu).log_prob_cells(x, nonzeros_of(x)), dense.detach())
+        torch.testing.assert_close(make(log_mu[0]).log_prob_cells(x, nonzeros_of(x)),
+                                   make(log_mu[0]).log_prob(x).sum(-1))
     sparse.sum().backward()
     dense.sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
