@@ -74,3 +74,21 @@ def versions(packages) -> dict:
         except md.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def jsonable(x):
+    """``x`` with numpy values and containers turned into JSON-ready Python ones (anything
+    else as its ``str``)."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)

@@ -101,6 +101,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import data_dir, git_state, import_cellvi, log, purge_cellvi, versions
+from _common import jsonable as _jsonable
 
 torch.set_num_threads(1)
 
@@ -485,20 +486,6 @@ def run_harmony(X: np.ndarray, batch: np.ndarray, seed: int) -> tuple[np.ndarray
 
 # --------------------------------------------------------------------------------------------
 # bookkeeping and output
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
 
 
 def _versions() -> dict:

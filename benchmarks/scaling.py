@@ -83,6 +83,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import jsonable as _jsonable
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -448,20 +449,6 @@ def child_nb(spec: dict) -> dict:
     res["kmeans_ari"], res["kmeans_s"] = kmeans_ari(z, truth, NB_SETTINGS["n_groups"])
     res["n_groups"] = NB_SETTINGS["n_groups"]
     return res
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
 
 
 def child_main(spec_json: str, out_path: str) -> None:
