@@ -16,6 +16,14 @@ normalize_total 1e4 + log1p + 50 PCs), and the scib-metrics ``Benchmarker`` call
 (``min_max_scale=False``) are imported from ``scib_nbvae.py``, with its batch key set to
 ``batch``. scVI and cellvi are trained for each of ``--seeds``; Harmony once (seed 0).
 
+``--variants`` (JSON: name -> ``cellvi.tl.nbvae`` keyword arguments, passed on as
+``scib_nbvae.run_cellvi`` passes them) replaces the single cellvi fit per seed by one fit per
+variant and seed (obsm key ``X_nbvae_<name>_s<seed>``, method ``cellvi NB-VAE (<name>)``), all
+scored in the same ``Benchmarker`` call as the peers; the tables then show each variant's mean
+and range over seeds, its margin to the best peer and whether every seed is above the control.
+``--skip-scvi`` leaves scVI out (quick checks only: the best peer is then Harmony or the
+control).
+
 For the simulated sets the silhouette score of the *missing* type
 (``uns["simulation"]["missing"]``) is also computed per embedding, with the formula scib's
 isolated-label score uses (mean of (ASW + 1) / 2 over that type's cells, ASW against the cell-type
@@ -27,6 +35,8 @@ Usage::
     python benchmarks/integration_panel.py --quick            # smoke test, ~300 cells, 1 seed
     python benchmarks/integration_panel.py --datasets 3protocols_1k protocol_strong_1k \\
         protocol_medium_1k --seeds 0 1 2 --out benchmarks/results
+    python benchmarks/integration_panel.py --quick --skip-scvi \\
+        --variants '{"default": {}, "dec": {"encode_batch": false}}'
 
 Writes ``<out>/integration_panel.md`` and ``.json`` (``--tag`` appends a suffix), after every
 dataset, so a partial run leaves its finished datasets.
@@ -66,7 +76,9 @@ DATASETS = {
 DEFAULT_ORDER = ["3protocols_1k", "protocol_strong_1k", "protocol_medium_1k",
                  "3protocols", "protocol_strong", "protocol_medium"]
 CONTROL = "PCA minus per-batch mean (control)"
-METHODS = ["PCA (unintegrated)", CONTROL, "Harmony", "scVI", "cellvi NB-VAE"]
+CELLVI = "cellvi NB-VAE"
+METHODS = ["PCA (unintegrated)", CONTROL, "Harmony", "scVI", CELLVI]
+PEERS = ("Harmony", "scVI", CONTROL)
 TABLE_COLS = ["Total", "Bio conservation", "Batch correction", "iLISI", "KBET",
               "Isolated labels"]
 
@@ -121,7 +133,25 @@ def isolated_label_set(adata) -> list[str]:
                                                  adata.obs["batch"].astype(str).to_numpy(), None)]
 
 
-def run_dataset(label: str, seeds: list[int], n_sub: int | None, quick: bool) -> dict:
+def variant_method(name: str) -> str:
+    return f"{CELLVI} ({name})"
+
+
+def parse_variants(text: str) -> dict[str, dict]:
+    """``--variants``: a JSON object, variant name -> ``cellvi.tl.nbvae`` keyword arguments."""
+    v = json.loads(text)
+    if not isinstance(v, dict) or not v or not all(isinstance(x, dict) for x in v.values()):
+        raise argparse.ArgumentTypeError("--variants takes a non-empty JSON object of objects, "
+                                         'e.g. \'{"default": {}, "dec": {"encode_batch": false}}\'')
+    bad = [k for k in v if not k or any(c in k for c in " /()")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"variant names must be non-empty, without spaces, "
+                                         f"slashes or brackets: {bad}")
+    return v
+
+
+def run_dataset(label: str, seeds: list[int], n_sub: int | None, quick: bool,
+                variants: dict[str, dict] | None = None, skip_scvi: bool = False) -> dict:
     log(f"== {label}")
     adata, desc = make_dataset(label, n_sub)
     notes = base.preprocess(adata)
@@ -136,11 +166,20 @@ def run_dataset(label: str, seeds: list[int], n_sub: int | None, quick: bool) ->
     log(f"   Harmony {secs:.1f} s")
     for seed in seeds:
         kw = dict(max_epochs=5) if quick else {}
-        z, secs, info = base.run_cellvi(adata, seed, **kw)
-        adata.obsm[f"X_nbvae_s{seed}"] = z
-        methods[f"X_nbvae_s{seed}"] = dict(method="cellvi NB-VAE", seed=seed, train_s=secs,
-                                           **info)
-        log(f"   cellvi seed {seed}: {secs:.1f} s, {info.get('n_epochs')} epochs")
+        if variants is None:
+            z, secs, info = base.run_cellvi(adata, seed, **kw)
+            adata.obsm[f"X_nbvae_s{seed}"] = z
+            methods[f"X_nbvae_s{seed}"] = dict(method=CELLVI, seed=seed, train_s=secs, **info)
+            log(f"   cellvi seed {seed}: {secs:.1f} s, {info.get('n_epochs')} epochs")
+        for name, vkw in (variants or {}).items():
+            z, secs, info = base.run_cellvi(adata, seed, **{**vkw, **kw})
+            key = f"X_nbvae_{name}_s{seed}"
+            adata.obsm[key] = z
+            methods[key] = dict(method=variant_method(name), variant=name, nbvae_kwargs=vkw,
+                                seed=seed, train_s=secs, **info)
+            log(f"   cellvi ({name}) seed {seed}: {secs:.1f} s, {info.get('n_epochs')} epochs")
+        if skip_scvi:
+            continue
         if quick:
             import scvi
 
@@ -170,14 +209,23 @@ def run_dataset(label: str, seeds: list[int], n_sub: int | None, quick: bool) ->
         if miss_asw:
             row["missing_type_iso"] = miss_asw[key]
         rows.append(row)
+    cv_methods = [CELLVI] if variants is None else [variant_method(n) for n in variants]
     return dict(dataset=label, desc=desc, notes=notes, rows=rows,
-                scib_columns=list(scores.columns), summary=summarise(rows))
+                scib_columns=list(scores.columns),
+                summary=summarise(rows, None if variants is None else cv_methods))
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Per method: mean / min / max of each column over seeds; cellvi's margins."""
+def _methods_in(rows: list[dict]) -> list[str]:
+    """METHODS' order, then the cellvi variants in order of first appearance."""
+    seen = list(dict.fromkeys(r["method"] for r in rows))
+    return [m for m in METHODS if m in seen] + [m for m in seen if m not in METHODS]
+
+
+def summarise(rows: list[dict], cellvi_methods: list[str] | None = None) -> dict:
+    """Per method: mean / min / max of each column over seeds; cellvi's margins (with
+    ``cellvi_methods``, the variants', under ``variants``)."""
     per = {}
-    for m in METHODS:
+    for m in _methods_in(rows):
         rs = [r for r in rows if r["method"] == m]
         if not rs:
             continue
@@ -191,17 +239,31 @@ def summarise(rows: list[dict]) -> dict:
         per[m] = d
     order = sorted(per, key=lambda m: -per[m]["Total"]["mean"])
     ranks = {m: i + 1 for i, m in enumerate(order)}
-    cv = per["cellvi NB-VAE"]["Total"]
-    peers = {m: per[m]["Total"]["mean"] for m in ("Harmony", "scVI", CONTROL)}
+    peers = {m: per[m]["Total"]["mean"] for m in PEERS if m in per}
     best_peer = max(peers, key=peers.get)
     ctl = per[CONTROL]["Total"]["mean"]
-    cv_tot = [r["Total"] for r in rows if r["method"] == "cellvi NB-VAE"]
-    return dict(per_method=per, rank_by_mean_total=ranks, best_peer=best_peer,
-                cellvi_margin_to_best_peer=float(cv["mean"] - peers[best_peer]),
-                cellvi_seeds_below_control=[r["seed"] for r in rows
-                                            if r["method"] == "cellvi NB-VAE"
-                                            and r["Total"] < ctl],
-                cellvi_min_minus_control=float(min(cv_tot) - ctl))
+
+    def margins(m):
+        tot = [r["Total"] for r in rows if r["method"] == m]
+        return dict(margin_to_best_peer=float(per[m]["Total"]["mean"] - peers[best_peer]),
+                    seeds_below_control=[r["seed"] for r in rows
+                                         if r["method"] == m and r["Total"] < ctl],
+                    min_minus_control=float(min(tot) - ctl))
+
+    out = dict(per_method=per, rank_by_mean_total=ranks, best_peer=best_peer)
+    if cellvi_methods is None:
+        c = margins(CELLVI)
+        out.update(cellvi_margin_to_best_peer=c["margin_to_best_peer"],
+                   cellvi_seeds_below_control=c["seeds_below_control"],
+                   cellvi_min_minus_control=c["min_minus_control"])
+    else:
+        out["variants"] = {}
+        for m in cellvi_methods:
+            c = margins(m)
+            c.update(ge_best_peer=c["margin_to_best_peer"] >= 0,
+                     all_seeds_above_control=c["min_minus_control"] > 0)
+            out["variants"][m] = c
+    return out
 
 
 def _seeds(seeds) -> str:
@@ -246,6 +308,13 @@ def write_markdown(res: dict, path: Path) -> None:
         "range over seeds. `*_1k`: a seeded random subsample (1,000 cells) of the set. Everything "
         "single-threaded on a 2-core machine shared with 2-3 other heavy jobs, so training seconds "
         "are noisy and comparable only within one table.\n")
+    if res.get("variants"):
+        L.append("cellvi variants (each `tl.nbvae(adata, layer=\"counts\", batch_key=\"batch\", "
+                 "seed=s, **kwargs)`, one fit per seed, all in the same Benchmarker call): "
+                 + "; ".join(f"**{n}** `{json.dumps(kw)}`" for n, kw in res["variants"].items())
+                 + ".\n")
+    if res.get("skip_scvi"):
+        L.append("**scVI left out (`--skip-scvi`)**: the best peer is Harmony or the control.\n")
     L.append(
         "*missing-type iso*: for the simulated sets, the type removed from the last batch "
         "(`uns[\"simulation\"][\"missing\"]`), scored with scib's isolated-label formula (mean of "
@@ -281,6 +350,19 @@ def write_markdown(res: dict, path: Path) -> None:
             cells.append(_cell(p, "train_s", 1))
             L.append("| " + " | ".join(cells) + " |")
         L.append("")
+        if "variants" in s:
+            L.append(f"Best peer (of Harmony/scVI/control): {s['best_peer']} "
+                     f"{per[s['best_peer']]['Total']['mean']:.3f}; control "
+                     f"{per[CONTROL]['Total']['mean']:.3f}.\n")
+            L.append("| variant | mean Total minus best peer | >= best peer | seeds below control "
+                     "| worst seed minus control | every seed above control |")
+            L.append("|---|---|---|---|---|---|")
+            for m, c in s["variants"].items():
+                L.append(f"| {m} | **{c['margin_to_best_peer']:+.3f}** | {_yn(c['ge_best_peer'])}"
+                         f" | {_seeds(c['seeds_below_control'])} | "
+                         f"{c['min_minus_control']:+.3f} | {_yn(c['all_seeds_above_control'])} |")
+            L.append("")
+            continue
         below = s["cellvi_seeds_below_control"]
         L.append(f"cellvi mean Total minus the best of Harmony/scVI/control ({s['best_peer']}): "
                  f"**{s['cellvi_margin_to_best_peer']:+.3f}**. cellvi seeds below the control: "
@@ -291,22 +373,16 @@ def write_markdown(res: dict, path: Path) -> None:
         names = [d["dataset"] for d in res["datasets"]]
         L.append("| method | " + " | ".join(f"rank {x}" for x in names) + " | mean rank |")
         L.append("|---|" + "---|" * (len(names) + 1))
-        for m in METHODS:
+        for m in _methods_in([r for d in res["datasets"] for r in d["rows"]]):
             rk = [d["summary"]["rank_by_mean_total"].get(m) for d in res["datasets"]]
-            L.append(f"| {m} | " + " | ".join(str(r) for r in rk)
-                     + f" | {np.mean(rk):.2f} |")
+            ok = [r for r in rk if r is not None]
+            L.append(f"| {m} | " + " | ".join("–" if r is None else str(r) for r in rk)
+                     + f" | {np.mean(ok):.2f} |")
         L.append("")
-        L.append("| dataset | cellvi Total (mean) | best peer | peer Total | margin | "
-                 "cellvi seeds below control |")
-        L.append("|---|---|---|---|---|---|")
-        for d in res["datasets"]:
-            s = d["summary"]
-            per = s["per_method"]
-            L.append(f"| {d['dataset']} | {per['cellvi NB-VAE']['Total']['mean']:.3f} | "
-                     f"{s['best_peer']} | {per[s['best_peer']]['Total']['mean']:.3f} | "
-                     f"{s['cellvi_margin_to_best_peer']:+.3f} | "
-                     f"{_seeds(s['cellvi_seeds_below_control'])} |")
-        L.append("")
+        if "variants" in res["datasets"][0]["summary"]:
+            _variant_summary(res, L)
+        else:
+            _cellvi_summary(res, L)
         L.append("### Every run (all scib columns)\n")
         for d in res["datasets"]:
             cols = [c for c in d["scib_columns"]]
@@ -322,6 +398,64 @@ def write_markdown(res: dict, path: Path) -> None:
     path.write_text("\n".join(L))
 
 
+def _yn(b) -> str:
+    return "yes" if b else "**no**"
+
+
+def _cellvi_summary(res: dict, L: list[str]) -> None:
+    L.append("| dataset | cellvi Total (mean) | best peer | peer Total | margin | "
+                 "cellvi seeds below control |")
+    L.append("|---|---|---|---|---|---|")
+    for d in res["datasets"]:
+        s = d["summary"]
+        per = s["per_method"]
+        L.append(f"| {d['dataset']} | {per[CELLVI]['Total']['mean']:.3f} | "
+                 f"{s['best_peer']} | {per[s['best_peer']]['Total']['mean']:.3f} | "
+                 f"{s['cellvi_margin_to_best_peer']:+.3f} | "
+                 f"{_seeds(s['cellvi_seeds_below_control'])} |")
+    L.append("")
+
+
+def _variant_summary(res: dict, L: list[str]) -> None:
+    """Per variant: Total per dataset, and whether it is >= the best peer on every dataset with
+    every seed above the control."""
+    ds = res["datasets"]
+    names = [d["dataset"] for d in ds]
+    variants = list(ds[0]["summary"]["variants"])
+    L.append("Mean Total (range over seeds) per dataset; *margin*: mean Total minus the best "
+             "peer's (of Harmony/scVI/control); *ctl*: worst seed minus the control.\n")
+    L.append("| method | " + " | ".join(names) + " | >= best peer on every dataset | every "
+             "seed above control on every dataset | mean train s | mean epochs |")
+    L.append("|---|" + "---|" * (len(names) + 4))
+    for m in variants:
+        cells, ge, above = [], True, True
+        for d in ds:
+            s = d["summary"]
+            c, p = s["variants"][m], s["per_method"][m]
+            cells.append(f"{_cell(p, 'Total')}; margin {c['margin_to_best_peer']:+.3f}; ctl "
+                         f"{c['min_minus_control']:+.3f}")
+            ge &= bool(c["ge_best_peer"])
+            above &= bool(c["all_seeds_above_control"])
+        rs = [r for d in ds for r in d["rows"] if r["method"] == m]
+        secs = [r["train_s"] for r in rs if r.get("train_s") is not None]
+        eps = [r["n_epochs"] for r in rs if r.get("n_epochs") is not None]
+        L.append(f"| {m} | " + " | ".join(cells) + f" | {_yn(ge)} | {_yn(above)} | "
+                 f"{_f(float(np.mean(secs)) if secs else None, 1)} | "
+                 f"{_f(float(np.mean(eps)) if eps else None, 0)} |")
+    for m in [x for x in PEERS if all(x in d["summary"]["per_method"] for d in ds)]:
+        cells = [_cell(d["summary"]["per_method"][m], "Total") for d in ds]
+        L.append(f"| {m} | " + " | ".join(cells) + " | | | | |")
+    L.append("")
+    L.append("| dataset | best peer | peer Total | control Total |")
+    L.append("|---|---|---|---|")
+    for d in ds:
+        s = d["summary"]
+        per = s["per_method"]
+        L.append(f"| {d['dataset']} | {s['best_peer']} | {per[s['best_peer']]['Total']['mean']:.3f}"
+                 f" | {per[CONTROL]['Total']['mean']:.3f} |")
+    L.append("")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=DEFAULT_ORDER,
@@ -331,6 +465,12 @@ def main(argv=None) -> None:
                    help="smoke test: 300-cell subsamples, seed 0, 5 epochs for scVI and cellvi")
     p.add_argument("--out", default=str(base.REPO / "benchmarks" / "results"))
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--variants", default=None, type=parse_variants, metavar="JSON",
+                   help="cellvi variants, a JSON object name -> tl.nbvae keyword arguments, e.g. "
+                        '\'{"default": {}, "dec": {"encode_batch": false}}\'; each is trained '
+                        "for every seed (default: one cellvi fit with tl.nbvae's defaults)")
+    p.add_argument("--skip-scvi", action="store_true",
+                   help="leave scVI out (quick checks only)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the markdown next to this JSON from it")
     args = p.parse_args(argv)
@@ -351,7 +491,8 @@ def main(argv=None) -> None:
     import_cellvi()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "integration_panel" + (("_" + args.tag) if args.tag else "")
+    tag = args.tag.lstrip("_")  # "--tag _x" and "--tag x" both give integration_panel_x
+    stem = "integration_panel" + (("_" + tag) if tag else "")
     cmd = "python benchmarks/integration_panel.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else list(argv)))
     results = []
@@ -362,12 +503,17 @@ def main(argv=None) -> None:
                                     "single-threaded runs",
                    seeds=args.seeds, quick=args.quick, datasets=results, partial=partial,
                    total_s=time.perf_counter() - t_start)
+        if args.variants is not None:
+            res["variants"] = args.variants
+        if args.skip_scvi:
+            res["skip_scvi"] = True
         (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
         write_markdown(res, out / f"{stem}.md")
         log(f"wrote {out / stem}.md/.json ({res['total_s'] / 60:.1f} min)")
 
     for i, label in enumerate(args.datasets):
-        results.append(run_dataset(label, args.seeds, n_sub, args.quick))
+        results.append(run_dataset(label, args.seeds, n_sub, args.quick, args.variants,
+                                   args.skip_scvi))
         rest = args.datasets[i + 1:]
         write(f"datasets not yet run: {', '.join(rest)}" if rest else None)
 
