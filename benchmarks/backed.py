@@ -176,11 +176,12 @@ def main(argv=None) -> None:
     out_json = scratch / "child.json"
     cmd = [sys.executable, __file__, "--child", str(path),
            "none" if args.max_epochs is None else str(args.max_epochs), str(out_json)]
+    git = git_state()  # before the run: the code the child imports
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     result = json.loads(out_json.read_text())
     result.update(wall_s=time.perf_counter() - t0, data=data_info, command=" ".join(sys.argv),
-                  git=git_state(), max_epochs=args.max_epochs)
+                  git=git, max_epochs=args.max_epochs)
     log(json.dumps(result, indent=1))
     if not args.quick:
         out = Path(args.out)
