@@ -32,7 +32,12 @@ from ._base import (
 )
 from ._persist import choice, flag, integer, number, text, texts
 
-__all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios"]
+__all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios", "BATCH_PENALTY"]
+
+#: ``fit``'s default weight of the latent batch penalty when the model has batch keys
+#: (``integration_panel_variants.md``: 100 was the setting at least the best peer on every
+#: panel set with every seed above the control; 1,000 over-corrects)
+BATCH_PENALTY = 100.0
 
 
 def batch_log_ratios(data: CountData, pseudo: float = 1e-6) -> list[np.ndarray]:
@@ -198,7 +203,7 @@ class NBVAE(Model):
         checkpoint_every: int = 1,
         resume: bool = False,
         objective: str | ELBO = "elbo",
-        batch_penalty: float = 0.0,
+        batch_penalty: float | None = None,
         **train_kwargs: Any,
     ) -> NBVAE:
         """Train on the AnnData given at construction.
@@ -223,11 +228,18 @@ class NBVAE(Model):
                 bound with 8 / K samples, :class:`cellvi.objectives.IWAE`) or an objective.
             batch_penalty: weight (nats per cell) of a penalty on the latent's dependence on
                 the batch (MMD between each batch's latent means and all of them, annealed
-                with the KL warm-up; :func:`cellvi.objectives.batch_mmd`); ``0``: none.
+                with the KL warm-up; :func:`cellvi.objectives.batch_mmd`); ``0``: none;
+                ``None`` (default): :data:`BATCH_PENALTY` (100) when the model has batch keys,
+                else 0. Chosen on the integration panel (``docs/design.md``, NB-VAE
+                defaults): it lifted every panel set above the best peer, at a small cost to
+                a type missing from one batch.
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
         objective = as_objective(objective)
+        if batch_penalty is None:  # the default: on with batches, unless the objective has one
+            batch_penalty = (BATCH_PENALTY if self.settings["batch_keys"]
+                             and not objective.batch_penalty else 0.0)
         if batch_penalty:
             if not (isinstance(batch_penalty, (int, float)) and batch_penalty > 0
                     and np.isfinite(batch_penalty)):
@@ -246,7 +258,8 @@ class NBVAE(Model):
                              callbacks=callbacks, checkpoint=checkpoint)
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
-                         objective=repr(objective), **train_kwargs)
+                         objective=repr(objective), batch_penalty=float(objective.batch_penalty),
+                         **train_kwargs)
         return self
 
     # -- inference ----------------------------------------------------------------------
