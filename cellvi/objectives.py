@@ -96,12 +96,12 @@ def batch_mmd(z: torch.Tensor, covs: torch.Tensor) -> torch.Tensor:
     for j in range(covs.shape[1]):
         onehot = torch.nn.functional.one_hot(covs[:, j]).to(z.dtype)  # n x categories
         counts = onehot.sum(0)
-        keep = counts >= 2
-        if int(keep.sum()) < 2:  # a single batch in this mini-batch: nothing to compare
-            continue
-        W = onehot[:, keep] / counts[keep] - 1.0 / n  # columns: mean of batch b minus overall
+        # categories with fewer than 2 cells here get weight 0 (masks, not boolean indexing:
+        # no host synchronisation); a single batch gives W = 0, so no penalty
+        weight = counts * (counts >= 2)
+        W = onehot / counts.clamp_min(1.0) - 1.0 / n  # columns: mean of batch b minus overall
         mmd2 = ((K @ W) * W).sum(0).clamp_min(0.0)
-        total = total + (mmd2 * counts[keep] / counts[keep].sum()).sum()
+        total = total + (mmd2 * weight).sum() / weight.sum().clamp_min(1.0)
     return total / covs.shape[1]
 
 
