@@ -91,21 +91,21 @@ class StreamedMatrix:
         self.source = source
         self.shape = source.shape
         self.device = device
-        self.sparse = True
         self.block = source.chunk_rows
         self.window = int(window)
         self._cache: OrderedDict[int, DeviceMatrix] = OrderedDict()
         self._cache_size = max(int(cache), 2 * self.window)
-        self.reads = 0  # chunks read from disk so far
+
+    def _read(self, b: int) -> sp.csr_matrix:
+        """Chunk ``b`` from disk."""
+        start = int(b) * self.block
+        return self.source.chunk(start, min(self.shape[0], start + self.block))
 
     def _chunk(self, b: int) -> DeviceMatrix:
         if b in self._cache:
             self._cache.move_to_end(b)
             return self._cache[b]
-        start = b * self.block
-        block = DeviceMatrix(self.source.chunk(start, min(self.shape[0], start + self.block)),
-                             self.device)
-        self.reads += 1
+        block = DeviceMatrix(self._read(b), self.device)
         self._cache[b] = block
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -157,8 +157,7 @@ class StreamedMatrix:
         parts = []
         for b in np.unique(idx // self.block):
             local = idx[idx // self.block == b] - b * self.block
-            start = int(b) * self.block
-            parts.append(self.source.chunk(start, min(self.shape[0], start + self.block))[local])
+            parts.append(self._read(b)[local])
         return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.shape[1]))
 
 
