@@ -293,13 +293,11 @@ def test_batch_log_ratios_match_dense_proportions_without_copying_the_counts():
     assert peak < 0.25 * (X.data.nbytes + X.indices.nbytes)  # no copy of the counts
 
 
-def test_the_batch_penalty_is_on_by_default_with_batches_only(small_adata):
+def test_the_batch_penalty_is_off_by_default_and_recorded(small_adata):
     from cellvi.models.nbvae import BATCH_PENALTY
 
-    with_batches = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(max_epochs=1, verbose=False)
-    assert with_batches.train_settings["batch_penalty"] == BATCH_PENALTY == 100.0
-    off = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(max_epochs=1, batch_penalty=0,
-                                                                   verbose=False)
-    assert off.train_settings["batch_penalty"] == 0.0
-    without = cellvi.models.NBVAE(small_adata).fit(max_epochs=1, verbose=False)
-    assert without.train_settings["batch_penalty"] == 0.0
+    default = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(max_epochs=1, verbose=False)
+    assert default.train_settings["batch_penalty"] == 0.0
+    on = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(
+        max_epochs=1, batch_penalty=BATCH_PENALTY, verbose=False)
+    assert on.train_settings["batch_penalty"] == BATCH_PENALTY == 100.0
