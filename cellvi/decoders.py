@@ -15,6 +15,7 @@ from .distributions import (
     Factorized,
     NegativeBinomial,
     Poisson,
+    SoftmaxNegativeBinomial,
     ZeroInflatedNegativeBinomial,
 )
 from .errors import InvalidInputError
@@ -102,7 +103,15 @@ class CountDecoder(Decoder):
         return torch.softmax(self._logits(self.trunk(z, covs), covs), dim=-1)
 
     def _logits(self, h: torch.Tensor, covs: torch.Tensor | None) -> torch.Tensor:
-        return self.logits(h) + self.batch_offset(covs)
+        offsets = self.batch_offset
+        if h.dim() == 2 and covs is not None and offsets.embeddings:
+            # the per-batch offsets as rows of one matrix product with the one-hot codes:
+            # no gathered (cells x genes) offset block to add (and to back-propagate)
+            one_hot = torch.cat([F.one_hot(covs[:, i], n).to(h.dtype)
+                                 for i, n in enumerate(offsets.n_cats_per_cov)], 1)
+            weight = torch.cat([self.logits.weight.t(), *(e.weight for e in offsets.embeddings)])
+            return torch.addmm(self.logits.bias, torch.cat([h, one_hot], 1), weight)
+        return self.logits(h) + offsets(covs)
 
     def theta(self, covs: torch.Tensor | None) -> torch.Tensor:
         if self.dispersion == "gene-batch":
@@ -116,7 +125,10 @@ class CountDecoder(Decoder):
         if log_library is None:
             raise InvalidInputError("a count decoder needs the cells' log library sizes (log_library)")
         h = self.trunk(z, covs)
-        log_mu = torch.log_softmax(self._logits(h, covs), dim=-1) + log_library
+        logits = self._logits(h, covs)
+        if self.likelihood == "nb":
+            return SoftmaxNegativeBinomial(logits, log_library, self.theta(covs))
+        log_mu = torch.log_softmax(logits, dim=-1) + log_library
         if self.likelihood == "poisson":
             return Poisson(log_mu)
         theta = self.theta(covs)

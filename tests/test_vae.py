@@ -85,3 +85,25 @@ def test_objective_adds_the_mixture_hyperprior_once_per_dataset():
     torch.manual_seed(2)
     loss_std, log_px, kl = ELBO(prior=StandardNormal(2)).loss(vae, x, beta=0.5, n_obs=100)
     torch.testing.assert_close(loss_std, -(log_px - 0.5 * kl).mean())
+
+
+def test_count_decoder_offsets_in_one_matrix_product_equal_gathered_offsets():
+    """With covariates, the logits come from one product with the one-hot codes (no gathered
+    cells x genes offset block); they and their gradients equal ``logits(h) + offsets``, and
+    with sample dimensions in front (IWAE) the gathered path gives the same values."""
+    torch.manual_seed(0)
+    dec = CountDecoder(3, 6, n_cats_per_cov=(2, 3))
+    for emb in dec.batch_offset.embeddings:
+        torch.nn.init.normal_(emb.weight)
+    covs = torch.stack([torch.randint(0, 2, (9,)), torch.randint(0, 3, (9,))], 1)
+    h = torch.randn(9, dec.logits.in_features)
+    fused = dec._logits(h, covs)
+    gathered = dec.logits(h) + dec.batch_offset(covs)
+    torch.testing.assert_close(fused, gathered)
+    w = torch.randn(9, 6)
+    params = [dec.logits.weight, dec.logits.bias, *(e.weight for e in dec.batch_offset.embeddings)]
+    for a, b in zip(torch.autograd.grad((fused * w).sum(), params),
+                    torch.autograd.grad((gathered * w).sum(), params), strict=True):
+        torch.testing.assert_close(a, b)
+    stacked = dec._logits(h.expand(2, 9, -1), covs)
+    torch.testing.assert_close(stacked[1], gathered)
