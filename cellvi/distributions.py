@@ -135,9 +135,9 @@ class _NBCells(torch.autograd.Function):
 
     The training path of the NB's :meth:`NegativeBinomial.log_prob_cells` (2-D ``log_mu``):
     the gradient is written by hand, ``d/ds = -theta sigmoid(s)`` on every entry plus
-    ``x (1 - sigmoid(s))`` on the non-zeros, and the dense ``x`` is never read. Forward and
-    backward take five passes over the cells x genes block, where the elementwise
-    :class:`_NBCore` and the per-cell sum take about fifteen.
+    ``x (1 - sigmoid(s))`` on the non-zeros, and the dense ``x`` is never read: forward, a
+    difference, a softplus and a matrix-vector product over the cells x genes block;
+    backward, a sigmoid and two in-place products (one more pass for theta's gradient).
     """
 
     @staticmethod
