@@ -75,6 +75,9 @@ def test_a_checkpoint_is_not_continued_on_other_settings(tmp_path, small_adata):
     with pytest.raises(InvalidInputError, match="written for other data or settings"):
         NBVAE(small_adata, n_latent=4).fit(max_epochs=2, verbose=False, checkpoint_dir=tmp_path,
                                           resume=True)
+    with pytest.raises(InvalidInputError, match="written for other data or settings"):
+        NBVAE(small_adata, n_latent=3).fit(max_epochs=2, verbose=False, checkpoint_dir=tmp_path,
+                                          resume=True, objective="iwae")  # another objective
     with pytest.raises(InvalidInputError, match="resume=True needs checkpoint_dir"):
         NBVAE(small_adata).fit(max_epochs=1, verbose=False, resume=True)
     # a finished run resumes to its end at once, with the same history

@@ -332,7 +332,8 @@ class GMVAE(Model):
         checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
                                         config, warmup_epochs=warmup_epochs,
                                         warmup_beta=warmup_beta, init=init, n_init=n_init,
-                                        schedule=dataclasses.asdict(schedule))
+                                        schedule=dataclasses.asdict(schedule),
+                                        objective=repr(as_objective(objective)))
         run = _Run(self, arrays, data, config, schedule, np.random.default_rng(seed),
                    tuple(callbacks), checkpoint, as_objective(objective))
         phases = [("warmup", warm_up(run, warmup_epochs, warmup_beta))]

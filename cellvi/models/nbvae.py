@@ -250,7 +250,7 @@ class NBVAE(Model):
                                     batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                                     **train_kwargs)
         checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
-                                        config)
+                                        config, objective=repr(objective))
         self.history = train(self.module, data, config, objective=objective,
                              callbacks=callbacks, checkpoint=checkpoint)
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
