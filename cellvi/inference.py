@@ -58,18 +58,19 @@ def elbo_per_cell(module, batch: dict, qz: Distribution | None = None,
     ``n_samples`` reparameterised samples."""
     with _frozen(module), torch.no_grad():
         qz = module.encode(batch) if qz is None else qz
-        n_cells = batch["x"].shape[0]
-        chunk = max(1, SAMPLE_ROWS // max(1, n_cells))
+        n_cells, n_features = batch["x"].shape
+        chunk = max(1, SAMPLE_ENTRIES // max(1, n_cells * n_features))
         total = 0.0
         for start in range(0, n_samples, chunk):
             total = total + _elbo_samples(module, batch, qz, min(chunk, n_samples - start)).sum(0)
         return total / n_samples
 
 
-#: samples x cells decoded at once by :func:`elbo_per_cell`: the 8 samples of a 1,024-cell
-#: batch at once, (8, 1024, 2000) blocks, ran about 2x slower per entry than 1,024 rows at a
-#: time (NB-VAE on 2,000 genes, 2 threads: 2.3 s vs 1.2 s for 10,000 cells)
-SAMPLE_ROWS = 1024
+#: samples x cells x features decoded at once by :func:`elbo_per_cell` (at least one sample):
+#: the 8 samples of a 1,024-cell batch at once, (8, 1024, 2000) blocks, ran about 2x slower
+#: per entry than one sample at a time (NB-VAE on 2,000 genes, 2 threads: 2.3 s vs 1.2 s for
+#: 10,000 cells); for 10 markers all samples fit (one sample at a time was 10-15% slower)
+SAMPLE_ENTRIES = 2**21
 
 
 def log_weights(module, batch: dict, qz: Distribution, n_samples: int,
