@@ -34,7 +34,8 @@ _NBVAE_FIT_KWARGS = _FIT_KWARGS + ("batch_penalty",)
 _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
                        "overcluster", "n_hidden", "n_layers", "dropout", "norm", "posterior",
                        "n_flows")
-_GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init", "schedule")
+_GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init", "schedule",
+                                   "batch_penalty")
 
 
 def _result_name(key_added: str, function: str) -> str:
@@ -226,7 +227,8 @@ def gmvae(
             ``prune``, ``sparsity``, ``prune_threshold``, ``merge_threshold``, ``overcluster``,
             ``n_hidden``, ``n_layers``, ``dropout``, ``norm``) and training settings
             (``batch_size``, ``lr``, ``warmup_epochs``, ``schedule`` -- a
-            :class:`cellvi.models.GMVAESchedule` of the phases' budgets, ``callbacks``,
+            :class:`cellvi.models.GMVAESchedule` of the phases' budgets, ``batch_penalty``
+            -- the latent batch penalty of :meth:`cellvi.models.GMVAE.fit`, ``callbacks``,
             ``patience``, ...).
 
     Returns:

@@ -307,3 +307,27 @@ def test_duplicated_marker_names_are_refused(tiny):
     dup.var_names = [dup.var_names[0]] * 2 + list(dup.var_names[2:])
     with pytest.raises(ValueError, match="var_names_make_unique"):
         GMVAE(dup)
+
+
+def test_batch_penalty_lowers_the_latents_batch_dependence_and_is_recorded():
+    from cellvi.objectives import batch_mmd
+
+    base = cellvi.datasets.synthetic_cytometry(3000, 10, n_populations=5, seed=1)
+    ad = cellvi.datasets.cytometry_batches(base, label_key="population", n_batches=2, seed=0,
+                                           shift_sd=1.0, population_shift_sd=1.0)
+    codes = torch.as_tensor(ad.obs["batch"].cat.codes.to_numpy(), dtype=torch.long)[:, None]
+    mmd = {}
+    for weight in (0.0, 1000.0):
+        out = cellvi.tl.gmvae(ad, batch_key="batch", n_components=5, overcluster=False,
+                              batch_penalty=weight, copy=True, verbose=False, seed=0,
+                              max_epochs=15, warmup_epochs=3)
+        mmd[weight] = float(batch_mmd(torch.as_tensor(out.obsm["X_gmvae"]), codes))
+        settings = out.uns["gmvae"]["train_settings"]
+        assert settings["batch_penalty"] == weight
+        assert ("batch_penalty=1000.0" in settings["objective"]) == bool(weight)
+    assert mmd[1000.0] < 0.5 * mmd[0.0], mmd
+    with pytest.raises(ValueError, match="batch_key"):
+        GMVAE(ad).fit(batch_penalty=1.0, verbose=False, **FAST)
+    for bad in (-1.0, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="non-negative"):
+            GMVAE(ad, batch_key="batch").fit(batch_penalty=bad, verbose=False, **FAST)

@@ -36,6 +36,7 @@ from ..data import as_batch_keys, check_var_names, encode_covariates
 from ..device import DeviceData
 from ..errors import InvalidInputError, InvalidTypeError, MissingKeyError
 from ..inference import elbo_per_cell, iwae_per_cell, refine
+from ..objectives import ELBO, as_objective
 from ..posteriors import POSTERIORS, GaussianEncoder, IAFEncoder
 from ..train import TrainConfig
 from ..vae import VAE
@@ -209,6 +210,23 @@ class Model(ABC):
         fingerprint = dict(model=type(self).__name__, settings=self.settings, var_names=names,
                            n_obs=data.n_obs, seed=seed, train=train, **extra)
         return Checkpointer(directory, every, bool(resume), fingerprint=fingerprint)
+
+    def _objective(self, objective, batch_penalty) -> ELBO:
+        """The training objective (:func:`cellvi.objectives.as_objective`), with the latent
+        batch penalty ``batch_penalty`` (checked: a finite number >= 0, and > 0 only for a
+        model built with ``batch_key``)."""
+        objective = as_objective(objective)
+        if isinstance(batch_penalty, bool) or not (isinstance(batch_penalty, numbers.Real)
+                                                   and math.isfinite(batch_penalty)
+                                                   and batch_penalty >= 0):
+            raise InvalidInputError(f"batch_penalty must be a non-negative number, got "
+                                    f"{batch_penalty!r}")
+        if batch_penalty and not self.settings["batch_keys"]:
+            raise InvalidInputError("batch_penalty needs a model built with batch_key=...; "
+                                    "without batches there is nothing to penalise")
+        if batch_penalty:
+            objective = dataclasses.replace(objective, batch_penalty=float(batch_penalty))
+        return objective
 
     def _train_config(self, *, seed: int, verbose: bool, **kwargs: Any) -> TrainConfig:
         unknown = sorted(set(kwargs) - set(TRAIN_KEYS))

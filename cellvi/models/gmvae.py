@@ -22,7 +22,7 @@ from ..data import ContinuousData, check_finite, prepare_continuous, select_mark
 from ..decoders import ContinuousDecoder
 from ..device import DeviceData, DeviceMatrix
 from ..errors import InvalidInputError, InvalidTypeError, ModelFileError
-from ..objectives import ELBO, as_objective
+from ..objectives import ELBO
 from ..posteriors import POSTERIORS
 from ..priors import MixturePrior
 from ..vae import MixtureVAE
@@ -283,6 +283,7 @@ class GMVAE(Model):
         checkpoint_every: int = 1,
         resume: bool = False,
         objective: str | ELBO = "elbo",
+        batch_penalty: float = 0.0,
         **train_kwargs: Any,
     ) -> GMVAE:
         """Train in four phases: warm-up, initialisation, mixture, merge-and-tune.
@@ -303,6 +304,11 @@ class GMVAE(Model):
                 has its checkpoint, and a resumed fit replays the finished phases from theirs.
             objective: as in :meth:`NBVAE.fit`, for the mixture and fine-tune phases (the
                 warm-up keeps its own).
+            batch_penalty: weight (nats per cell) of the latent batch penalty of
+                :meth:`NBVAE.fit` (:func:`cellvi.objectives.batch_mmd` between each batch's
+                latent means and all of them), in the mixture and fine-tune phases; needs
+                ``batch_key``. ``0`` (default): none (``docs/design.md``, GMVAE batch
+                penalty, has the measured effect).
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`.
         """
         if init not in ("latent", "markers"):
@@ -321,6 +327,7 @@ class GMVAE(Model):
             raise InvalidInputError(
                 "the GMVAE does not train data-parallel yet (its M-steps and merges read "
                 "every cell); run it in one process (without torchrun)")
+        objective = self._objective(objective, batch_penalty)
         arrays, data, seed = self._start_fit(seed, device)
         train_kwargs.setdefault("kl_warmup_steps", 0)  # the warm-up phase did that job
         config = self._train_config(seed=seed, verbose=verbose, batch_size=batch_size, lr=lr,
@@ -333,9 +340,9 @@ class GMVAE(Model):
                                         config, warmup_epochs=warmup_epochs,
                                         warmup_beta=warmup_beta, init=init, n_init=n_init,
                                         schedule=dataclasses.asdict(schedule),
-                                        objective=repr(as_objective(objective)))
+                                        objective=repr(objective))
         run = _Run(self, arrays, data, config, schedule, np.random.default_rng(seed),
-                   tuple(callbacks), checkpoint, as_objective(objective))
+                   tuple(callbacks), checkpoint, objective)
         phases = [("warmup", warm_up(run, warmup_epochs, warmup_beta))]
         sub = initialise(run, init, n_init)
         phases.append(("mixture", fit_mixture(run, sub, max_epochs)))
@@ -346,7 +353,7 @@ class GMVAE(Model):
         self._finish_fit(max_epochs=max_epochs, warmup_epochs=warmup_epochs,
                          warmup_beta=warmup_beta, init=init, n_init=n_init,
                          schedule=dataclasses.asdict(schedule), objective=repr(run.objective),
-                         batch_size=batch_size, lr=lr,
+                         batch_penalty=float(objective.batch_penalty), batch_size=batch_size, lr=lr,
                          seed=seed, device=str(self.device), **train_kwargs)
         return self
 

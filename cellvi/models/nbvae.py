@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ from ..data import BackedRows, CountData, check_var_names, prepare_counts
 from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
 from ..errors import InvalidInputError, MissingKeyError
-from ..objectives import ELBO, as_objective
+from ..objectives import ELBO
 from ..posteriors import POSTERIORS
 from ..priors import StandardNormal
 from ..train import train
@@ -236,15 +235,7 @@ class NBVAE(Model):
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
-        objective = as_objective(objective)
-        if batch_penalty:
-            if not (isinstance(batch_penalty, (int, float)) and batch_penalty > 0
-                    and np.isfinite(batch_penalty)):
-                raise InvalidInputError(f"batch_penalty must be a non-negative number, got "
-                                        f"{batch_penalty!r}")
-            if not self.settings["batch_keys"]:
-                raise InvalidInputError("batch_penalty needs a model built with batch_key=...")
-            objective = dataclasses.replace(objective, batch_penalty=float(batch_penalty))
+        objective = self._objective(objective, batch_penalty)
         _, data, seed = self._start_fit(seed, device)
         config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
                                     batch_size=batch_size, lr=lr, kl_weight=kl_weight,
