@@ -331,3 +331,50 @@ def test_batch_penalty_lowers_the_latents_batch_dependence_and_is_recorded():
     for bad in (-1.0, float("nan"), "10", True):
         with pytest.raises(ValueError, match="non-negative"):
             GMVAE(ad, batch_key="batch").fit(batch_penalty=bad, verbose=False, **FAST)
+
+
+def test_affine_batch_effect_is_a_per_batch_gain_and_shift_of_a_batch_free_trunk():
+    dec = ContinuousDecoder(4, 7, n_cats_per_cov=[3], batch_effect="affine")
+    dec.eval()
+    z = torch.randn(5, 4)
+    gains = np.log(np.array([[1.0], [2.0], [0.5]], dtype=np.float32)).repeat(7, 1)
+    offsets = np.array([[0.0], [1.0], [-3.0]], dtype=np.float32).repeat(7, 1)
+    dec.init_batch_offsets([offsets], [gains])
+    x = torch.randn(5, 7)
+    h = dec.trunk(z)  # the trunk takes no covariates
+    loc0, scale0 = dec.loc(h), torch.nn.functional.softplus(dec.raw_scale(h)) + dec.min_scale
+    for b, (g, o) in enumerate([(1.0, 0.0), (2.0, 1.0), (0.5, -3.0)]):
+        covs = torch.full((5, 1), b)
+        torch.testing.assert_close(dec.mean(z, covs), g * loc0 + o)
+        torch.testing.assert_close(dec(z, covs).log_prob(x),
+                                   Normal(g * loc0 + o, g * scale0).log_prob(x).sum(-1))
+    # sample dimensions in front of z (IWAE) broadcast against the cells' gains
+    covs = torch.randint(0, 3, (5, 1))
+    assert dec(torch.randn(3, 5, 4), covs).log_prob(x).shape == (3, 5)
+    with pytest.raises(ValueError, match="batch_effect"):
+        ContinuousDecoder(4, 7, n_cats_per_cov=[3], batch_effect="monotone")
+
+
+def test_gmvae_affine_batch_effect_learns_the_batch_gains_and_round_trips(tmp_path):
+    base = cellvi.datasets.synthetic_cytometry(3000, 10, n_populations=5, seed=1)
+    ad = cellvi.datasets.cytometry_batches(base, label_key="population", n_batches=2, seed=0,
+                                           scale_sd=0.4, shift_sd=0.5, warp=0.0,
+                                           population_shift_sd=0.0)
+    gain = np.asarray(ad.uns["simulation"]["gain"])[1]  # batch B1's gain over B0, per marker
+    model = GMVAE(ad, batch_key="batch", n_components=5, overcluster=False,
+                  batch_effect="affine", encode_batch=False)
+    assert model.settings["batch_effect"] == "affine" and model.settings["encode_batch"] is False
+    assert not model.module.encoder.trunk.covariates[0].embeddings  # the encoder sees no batch
+    model.fit(verbose=False, max_epochs=15, warmup_epochs=3)
+    log_gain = model.module.decoder.batch_log_gain.embeddings[0].weight.detach().numpy()
+    learned = np.exp(log_gain[1] - log_gain[0])
+    # the batch gain ratio is what the decoder learns, marker by marker
+    assert np.corrcoef(np.log(learned), np.log(gain))[0, 1] > 0.95, (learned, gain)
+    model.save(tmp_path / "m")
+    loaded = GMVAE.load(tmp_path / "m")
+    assert loaded.settings["batch_effect"] == "affine"
+    np.testing.assert_allclose(loaded.transform(ad).latent, model.transform(ad).latent, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_effect"):
+        GMVAE(ad, batch_key="batch", batch_effect="per-batch")
+    with pytest.raises(TypeError, match="encode_batch"):
+        GMVAE(ad, batch_key="batch", encode_batch="no")
