@@ -22,7 +22,7 @@ from .errors import InvalidInputError
 from .nn import MLP, CovariateEmbedding
 
 __all__ = ["Decoder", "CountDecoder", "ContinuousDecoder", "LIKELIHOODS", "CONTINUOUS_LIKELIHOODS",
-           "DISPERSIONS", "BATCH_EFFECTS"]
+           "DISPERSIONS"]
 
 
 class Decoder(nn.Module, ABC):
@@ -49,8 +49,6 @@ class Decoder(nn.Module, ABC):
 LIKELIHOODS = ("nb", "zinb", "poisson")
 DISPERSIONS = ("gene", "gene-batch")
 CONTINUOUS_LIKELIHOODS = ("normal", "studentt")
-#: how the batch enters a :class:`ContinuousDecoder`
-BATCH_EFFECTS = ("network", "affine")
 
 
 class CountDecoder(Decoder):
@@ -144,23 +142,16 @@ class ContinuousDecoder(Decoder):
     or, for outlier-rich data, a Student-t with the same location and scale and one learned
     degrees-of-freedom per marker.
 
-    How the batch ``s`` enters (``batch_effect``):
-
-    * ``"network"``: into the trunk (so its effect may depend on the cell state) and as a
-      per-marker additive offset on the mean, which explains a plain shift between batches
-      without any help from ``z``;
-    * ``"affine"``: only as a per-batch, per-marker gain and offset, ``loc = exp(g_s) f(z) +
-      b_s`` and ``scale = exp(g_s) σ(z)``: the trunk sees ``z`` alone, so a batch can rescale
-      and shift each marker (a detector's voltage, a staining intensity) but cannot change
-      which populations exist or how they differ in any other way.
+    The batch enters the trunk (so its effect may depend on the cell state) and also as a
+    per-marker additive offset on the mean, which explains a plain shift between batches
+    without any help from ``z``.
 
     Args:
         n_latent: latent dimension.
         n_features: number of markers.
         likelihood: ``"normal"`` or ``"studentt"``.
         n_cats_per_cov: categorical covariates entering the decoder.
-        min_scale: floor on the predicted standard deviation (before the batch gain).
-        batch_effect: ``"network"`` (default) or ``"affine"``.
+        min_scale: floor on the predicted standard deviation.
     """
 
     def __init__(
@@ -175,54 +166,28 @@ class ContinuousDecoder(Decoder):
         dropout: float = 0.0,
         norm: str | None = "batch",
         min_scale: float = 1e-3,
-        batch_effect: str = "network",
     ):
         super().__init__()
         if likelihood not in CONTINUOUS_LIKELIHOODS:
             raise InvalidInputError(f"likelihood must be one of {CONTINUOUS_LIKELIHOODS}, got {likelihood!r}")
-        if batch_effect not in BATCH_EFFECTS:
-            raise InvalidInputError(f"batch_effect must be one of {BATCH_EFFECTS}, got {batch_effect!r}")
         self.likelihood = likelihood
         self.min_scale = min_scale
-        self.batch_effect = batch_effect
-        affine = batch_effect == "affine"
-        self.trunk = MLP(n_latent, n_hidden, n_layers, () if affine else n_cats_per_cov, dropout, norm)
+        self.trunk = MLP(n_latent, n_hidden, n_layers, n_cats_per_cov, dropout, norm)
         self.loc = nn.Linear(n_hidden, n_features)
         self.raw_scale = nn.Linear(n_hidden, n_features)
         self.batch_offset = CovariateEmbedding(n_cats_per_cov, n_features)
-        # the per-batch log-gains of "affine" (none for "network")
-        self.batch_log_gain = CovariateEmbedding(n_cats_per_cov if affine else (), n_features)
-        for emb in self.batch_log_gain.embeddings:
-            nn.init.zeros_(emb.weight)
         if likelihood == "studentt":
             self.log_df = nn.Parameter(torch.full((n_features,), 1.5))  # df = 1 + exp(.) ~ 5.5
 
-    @torch.no_grad()
-    def init_batch_offsets(self, offsets, log_gains=None) -> None:
-        """Start the per-batch mean offsets (and, for ``"affine"``, the log-gains) at given
-        per-marker values (one array per covariate)."""
-        super().init_batch_offsets(offsets)
-        if log_gains is not None and self.batch_log_gain.embeddings:
-            for emb, values in zip(self.batch_log_gain.embeddings, log_gains, strict=True):
-                emb.weight.copy_(torch.as_tensor(values, dtype=emb.weight.dtype))
-
-    def _trunk(self, z: torch.Tensor, covs: torch.Tensor | None) -> torch.Tensor:
-        return self.trunk(z, None if self.batch_effect == "affine" else covs)
-
-    def _gain(self, covs: torch.Tensor | None) -> torch.Tensor | float:
-        log_gain = self.batch_log_gain(covs)
-        return 1.0 if isinstance(log_gain, int) else log_gain.exp()
-
     def mean(self, z: torch.Tensor, covs: torch.Tensor | None = None) -> torch.Tensor:
         """Denoised marker values ``μ_θ(z, s)``."""
-        return self._gain(covs) * self.loc(self._trunk(z, covs)) + self.batch_offset(covs)
+        return self.loc(self.trunk(z, covs)) + self.batch_offset(covs)
 
     def forward(self, z: torch.Tensor, covs: torch.Tensor | None = None,
                 log_library: torch.Tensor | None = None) -> Factorized:
-        h = self._trunk(z, covs)
-        gain = self._gain(covs)
-        loc = gain * self.loc(h) + self.batch_offset(covs)
-        scale = gain * (F.softplus(self.raw_scale(h)) + self.min_scale)
+        h = self.trunk(z, covs)
+        loc = self.loc(h) + self.batch_offset(covs)
+        scale = F.softplus(self.raw_scale(h)) + self.min_scale
         if self.likelihood == "studentt":
             return Factorized(StudentT(1.0 + self.log_df.exp(), loc, scale), 1)
         return Factorized(Normal(loc, scale), 1)

@@ -33,7 +33,7 @@ _NBVAE_FIT_KWARGS = _FIT_KWARGS + ("batch_penalty",)
 
 _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
                        "overcluster", "n_hidden", "n_layers", "dropout", "norm", "posterior",
-                       "n_flows", "batch_effect", "encode_batch")
+                       "n_flows")
 _GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init", "schedule",
                                    "batch_penalty")
 
@@ -225,8 +225,7 @@ def gmvae(
         verbose: progress bar.
         **model_kwargs: model settings (``markers`` -- the channels to use, default all;
             ``prune``, ``sparsity``, ``prune_threshold``, ``merge_threshold``, ``overcluster``,
-            ``n_hidden``, ``n_layers``, ``dropout``, ``norm``, ``batch_effect`` -- ``"affine"``
-            for a per-batch, per-marker gain and shift only, ``encode_batch``) and training settings
+            ``n_hidden``, ``n_layers``, ``dropout``, ``norm``) and training settings
             (``batch_size``, ``lr``, ``warmup_epochs``, ``schedule`` -- a
             :class:`cellvi.models.GMVAESchedule` of the phases' budgets, ``batch_penalty``
             -- the latent batch penalty of :meth:`cellvi.models.GMVAE.fit`, ``callbacks``,

@@ -19,7 +19,7 @@ from anndata import AnnData
 from .. import distributed
 from .._settings import seeded
 from ..data import ContinuousData, check_finite, prepare_continuous, select_markers
-from ..decoders import BATCH_EFFECTS, ContinuousDecoder
+from ..decoders import ContinuousDecoder
 from ..device import DeviceData, DeviceMatrix
 from ..errors import InvalidInputError, InvalidTypeError, ModelFileError
 from ..objectives import ELBO
@@ -29,7 +29,6 @@ from ..vae import MixtureVAE
 from ._base import (
     Model,
     _check_posterior,
-    boolean,
     check_trainable,
     deterministic,
     make_encoder,
@@ -87,7 +86,6 @@ _SCHEMA = dict(
     n_layers=(integer(1, 64), ...), dropout=(number(0.0, 1.0), ...),
     norm=(choice("batch", "layer", None), ...), n_clusters=(integer(1, 100_000, optional=True), None),
     posterior=(choice(*POSTERIORS), "normal"), n_flows=(integer(1, 32), 2),
-    batch_effect=(choice(*BATCH_EFFECTS), "network"), encode_batch=(flag, True),
 )
 
 
@@ -98,8 +96,7 @@ class GMVAE(Model):
     N(μ_θ(z, s), diag σ_θ²(z, s))`` (or Student-t), with an amortized ``q(z | x, s)`` and the
     cluster posterior ``q(c | x)`` given by the prior's responsibilities at the encoded ``z``
     (VaDE; ``c`` is summed out exactly in the ELBO). The batch ``s`` enters encoder and
-    decoder (``encode_batch``, ``batch_effect``), so clusters are shared across batches and
-    the latent is batch-corrected.
+    decoder, so clusters are shared across batches and the latent is batch-corrected.
     Markers are standardised (per-marker centre and scale of the training data, stored with
     the model) before they enter the network. Training runs in four phases (this module's
     docstring); the evidence behind each default is in ``docs/design.md``.
@@ -126,12 +123,6 @@ class GMVAE(Model):
         posterior: ``"normal"`` (diagonal Gaussian, default) or ``"iaf"``: the Gaussian
             followed by ``n_flows`` inverse autoregressive steps conditioned on the encoder
             (:class:`cellvi.posteriors.IAFEncoder`), for skewed or correlated posteriors.
-        batch_effect: how the batch enters the decoder (:class:`cellvi.decoders.ContinuousDecoder`):
-            ``"network"`` (default: into its hidden layers, plus a per-marker shift) or
-            ``"affine"`` (only a per-batch, per-marker gain and shift, started at each batch's
-            standard deviation ratio and mean). Needs ``batch_key`` to matter.
-        encode_batch: whether the encoder sees the batch (``True``, default) or only the
-            decoder does.
 
     Example:
         >>> model = cellvi.models.GMVAE(adata, layer="logicle", markers=markers)
@@ -181,13 +172,9 @@ class GMVAE(Model):
         norm: str | None = "batch",
         posterior: str = "normal",
         n_flows: int = 2,
-        batch_effect: str = "network",
-        encode_batch: bool = True,
     ):
         if likelihood not in ("normal", "studentt"):
             raise InvalidInputError(f"likelihood must be 'normal' or 'studentt', got {likelihood!r}")
-        if batch_effect not in BATCH_EFFECTS:
-            raise InvalidInputError(f"batch_effect must be one of {BATCH_EFFECTS}, got {batch_effect!r}")
         n_latent, n_hidden = positive_int("n_latent", n_latent), positive_int("n_hidden", n_hidden)
         n_layers = positive_int("n_layers", n_layers)
         posterior, n_flows = _check_posterior(posterior, n_flows)
@@ -204,8 +191,7 @@ class GMVAE(Model):
             prune_threshold=float(0.002 if prune_threshold is None else prune_threshold),
             merge_threshold=float(merge_threshold),
             n_hidden=n_hidden, n_layers=n_layers, dropout=float(dropout), norm=norm,
-            posterior=posterior, n_flows=n_flows, batch_effect=batch_effect,
-            encode_batch=boolean("encode_batch", encode_batch),
+            posterior=posterior, n_flows=n_flows,
         )
         self._setup(settings, data.var_names, data.categories, data,
                     center=data.X.mean(0).astype(float).tolist(),
@@ -220,11 +206,9 @@ class GMVAE(Model):
             encoder = make_encoder(n_features, s, n_cats)
             decoder = ContinuousDecoder(s["n_latent"], n_features, likelihood=s["likelihood"],
                                         n_hidden=s["n_hidden"], n_layers=s["n_layers"],
-                                        n_cats_per_cov=n_cats, norm=s["norm"],
-                                        batch_effect=s["batch_effect"])
+                                        n_cats_per_cov=n_cats, norm=s["norm"])
             if self._data is not None and n_cats:
-                decoder.init_batch_offsets(self._batch_shifts(self._data),
-                                           self._batch_log_gains(self._data))
+                decoder.init_batch_offsets(self._batch_shifts(self._data))
             prior = MixturePrior(s["n_latent"], s["n_start"], sparsity=s["sparsity"])
             return MixtureVAE(encoder, decoder, prior, log1p_input=False)
 
@@ -242,22 +226,6 @@ class GMVAE(Model):
             np.add.at(sums, d.covs[:, j], Xs)
             counts = np.bincount(d.covs[:, j], minlength=n_cat)[:, None]
             out.append((sums / np.maximum(counts, 1) / len(d.batch_keys)).astype(np.float32))
-        return out
-
-    def _batch_log_gains(self, d: ContinuousData) -> list[np.ndarray]:
-        """Per batch category, ``log`` of its standard deviation of each standardised marker
-        over the pooled one (``0`` where a batch has fewer than two cells or a constant
-        marker), divided by the number of batch keys."""
-        Xs = self._standardize(d.X)
-        out = []
-        for j, key in enumerate(d.batch_keys):
-            gains = np.zeros((len(d.categories[key]), Xs.shape[1]), dtype=np.float32)
-            for c in range(len(d.categories[key])):
-                rows = Xs[d.covs[:, j] == c]
-                if len(rows) > 1:
-                    sd = rows.std(0)
-                    gains[c] = np.where(sd > 1e-6, np.log(np.maximum(sd, 1e-6)), 0.0)
-            out.append(gains / len(d.batch_keys))
         return out
 
     def _marker_features(self, d: ContinuousData, idx: np.ndarray) -> np.ndarray:
