@@ -84,7 +84,7 @@ def amortization_gap(model, adata: AnnData, *, n_samples: int = 1000, refine_ste
     return out
 
 
-def outlier_scores(model, adata: AnnData, *, n_samples: int = 8, seed: int = 0,
+def outlier_scores(model, adata: AnnData, *, n_samples: int | None = None, seed: int = 0,
                    batch_size: int = 1024) -> np.ndarray:
     """How badly the model explains each cell: the negative per-cell ELBO, standardised
     within each batch category (of the model's first batch key) by its median and MAD
@@ -93,12 +93,19 @@ def outlier_scores(model, adata: AnnData, *, n_samples: int = 8, seed: int = 0,
     depth (AUROC 0.54 on Kang 8 donors, ``benchmarks/results/outliers.md``): the model
     explains them as mixtures; use :func:`doublet_scores` for those.
 
+    Args:
+        n_samples: draws of ``q(z | x)`` in each cell's ELBO; ``None`` takes the model's
+            ``outlier_samples`` (1 for :class:`cellvi.models.NBVAE`, 8 for
+            :class:`cellvi.models.GMVAE`: ``benchmarks/results/outlier_samples.md``).
+
     Returns:
         ``float32`` array, one score per cell.
 
     Example:
         >>> adata.obs["outlier"] = cellvi.diagnostics.outlier_scores(model, adata)
     """
+    if n_samples is None:
+        n_samples = getattr(model, "outlier_samples", 8)
     neg = -model.elbo(adata, n_samples=n_samples, seed=seed, batch_size=batch_size).astype(np.float64)
     keys = as_batch_keys(model.settings["batch_keys"])
     groups = (adata.obs[keys[0]].astype(str).to_numpy() if keys

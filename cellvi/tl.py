@@ -228,7 +228,8 @@ def gmvae(
             ``n_hidden``, ``n_layers``, ``dropout``, ``norm``) and training settings
             (``batch_size``, ``lr``, ``warmup_epochs``, ``schedule`` -- a
             :class:`cellvi.models.GMVAESchedule` of the phases' budgets, ``batch_penalty``
-            -- the latent batch penalty of :meth:`cellvi.models.GMVAE.fit`, ``callbacks``,
+            -- the latent batch penalty of :meth:`cellvi.models.GMVAE.fit`, 100 by default
+            with a ``batch_key``, ``0`` turns it off, ``callbacks``,
             ``patience``, ...).
 
     Returns:

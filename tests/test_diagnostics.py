@@ -50,6 +50,18 @@ def test_posterior_predictive_and_samples_have_the_data_shape(overdispersed, fit
         model.sample(5, batch="nope")
 
 
+def test_outlier_scores_default_to_the_models_sample_count(overdispersed, fits):
+    model = fits["nb"]
+    assert model.outlier_samples == 1 and cellvi.models.GMVAE.outlier_samples == 8
+    default = cellvi.diagnostics.outlier_scores(model, overdispersed, seed=3)
+    np.testing.assert_array_equal(
+        default, cellvi.diagnostics.outlier_scores(model, overdispersed, n_samples=1, seed=3))
+    eight = cellvi.diagnostics.outlier_scores(model, overdispersed, n_samples=8, seed=3)
+    assert not np.array_equal(default, eight)
+    # one draw ranks the cells nearly as eight do
+    assert np.corrcoef(np.argsort(np.argsort(default)), np.argsort(np.argsort(eight)))[0, 1] > 0.9
+
+
 def test_gmvae_samples_a_cluster_and_outliers_are_found():
     from sklearn.metrics import roc_auc_score
 

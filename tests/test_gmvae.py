@@ -328,6 +328,17 @@ def test_batch_penalty_lowers_the_latents_batch_dependence_and_is_recorded():
     assert mmd[1000.0] < 0.5 * mmd[0.0], mmd
     with pytest.raises(ValueError, match="batch_key"):
         GMVAE(ad).fit(batch_penalty=1.0, verbose=False, **FAST)
+    # the default: BATCH_PENALTY with a batch key, none without
+    from cellvi.models.gmvae import BATCH_PENALTY
+
+    tiny = ad[:600].copy()
+    with_batch = GMVAE(tiny, batch_key="batch", n_components=3, overcluster=False).fit(
+        verbose=False, max_epochs=2, warmup_epochs=1)
+    assert with_batch.train_settings["batch_penalty"] == BATCH_PENALTY == 100.0
+    assert "batch_penalty=100.0" in with_batch.train_settings["objective"]
+    without = GMVAE(tiny, n_components=3, overcluster=False).fit(verbose=False, max_epochs=2,
+                                                                 warmup_epochs=1)
+    assert without.train_settings["batch_penalty"] == 0.0
     for bad in (-1.0, float("nan"), "10", True):
         with pytest.raises(ValueError, match="non-negative"):
             GMVAE(ad, batch_key="batch").fit(batch_penalty=bad, verbose=False, **FAST)

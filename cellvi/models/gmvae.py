@@ -45,7 +45,13 @@ from ._gmvae_phases import (
 )
 from ._persist import choice, flag, integer, number, text, texts
 
-__all__ = ["GMVAE", "GMVAEOutput", "GMVAESchedule", "DISCOVERY_COMPONENTS"]
+__all__ = ["GMVAE", "GMVAEOutput", "GMVAESchedule", "DISCOVERY_COMPONENTS", "BATCH_PENALTY"]
+
+#: the latent batch penalty of ``fit`` when the model has a ``batch_key``: over seeds 0-2 it
+#: raised the scib Total on every labelled set of the cytometry panel, every seed above the
+#: default without it (``benchmarks/results/integration_panel_cytometry.md``;
+#: ``docs/design.md``, GMVAE batch penalty)
+BATCH_PENALTY = 100.0
 
 #: ``n_components=None`` (population discovery) starts from this many components
 DISCOVERY_COMPONENTS = 30
@@ -133,6 +139,10 @@ class GMVAE(Model):
     _extra_state = ("center", "scale", "cluster_order", "merges")
     _state_defaults = {"merges": []}  # saved by cellvi 0.1.0 before merges were recorded
     _schema = _SCHEMA
+    #: posterior samples of :func:`cellvi.diagnostics.outlier_scores` by default (the
+    #: score of 10 markers is noisier per draw than that of 1,000 genes: 8 draws for a
+    #: Spearman of 0.994 with 64; ``benchmarks/results/outlier_samples.md``)
+    outlier_samples = 8
 
     def _check_saved(self, config: dict[str, Any], where: str) -> None:
         n, n_start = len(config["var_names"]), config["settings"]["n_start"]
@@ -283,7 +293,7 @@ class GMVAE(Model):
         checkpoint_every: int = 1,
         resume: bool = False,
         objective: str | ELBO = "elbo",
-        batch_penalty: float = 0.0,
+        batch_penalty: float | None = None,
         **train_kwargs: Any,
     ) -> GMVAE:
         """Train in four phases: warm-up, initialisation, mixture, merge-and-tune.
@@ -307,8 +317,9 @@ class GMVAE(Model):
             batch_penalty: weight (nats per cell) of the latent batch penalty of
                 :meth:`NBVAE.fit` (:func:`cellvi.objectives.batch_mmd` between each batch's
                 latent means and all of them), in the mixture and fine-tune phases; needs
-                ``batch_key``. ``0`` (default): none (``docs/design.md``, GMVAE batch
-                penalty, has the measured effect).
+                ``batch_key``. ``None`` (default): :data:`BATCH_PENALTY` (100) for a model
+                with ``batch_key``, none without; ``0`` turns it off (the default before
+                cellvi 0.2; ``docs/design.md``, GMVAE batch penalty, has the measured effect).
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`.
         """
         if init not in ("latent", "markers"):
@@ -327,6 +338,8 @@ class GMVAE(Model):
             raise InvalidInputError(
                 "the GMVAE does not train data-parallel yet (its M-steps and merges read "
                 "every cell); run it in one process (without torchrun)")
+        if batch_penalty is None:
+            batch_penalty = BATCH_PENALTY if self.settings["batch_keys"] else 0.0
         objective = self._objective(objective, batch_penalty)
         arrays, data, seed = self._start_fit(seed, device)
         train_kwargs.setdefault("kl_warmup_steps", 0)  # the warm-up phase did that job
