@@ -106,7 +106,7 @@ def render(res: dict) -> str:
                   "| n_samples | AUROC (planted shuffled) | Spearman vs reference | top-1% overlap "
                   "| seconds | x time of n=1 |", "|---|---|---|---|---|---|"]
         for n in samples:
-            def mr(key, nd=3):
+            def mr(key, nd=3, n=n, runs=runs):
                 v = [r["scores"][str(n)][key] for r in runs]
                 return f"{np.mean(v):.{nd}f} ({min(v):.{nd}f}-{max(v):.{nd}f})"
             ratio = np.mean([r["scores"][str(n)]["seconds"] / r["scores"][str(samples[0])]["seconds"]
