@@ -141,7 +141,7 @@ class GMVAE(Model):
     _schema = _SCHEMA
     #: posterior samples of :func:`cellvi.diagnostics.outlier_scores` by default (the
     #: score of 10 markers is noisier per draw than that of 1,000 genes: 8 draws for a
-    #: Spearman of 0.994 with 64; ``benchmarks/results/outlier_samples.md``)
+    #: Spearman of 0.993 with 64; ``benchmarks/results/outlier_samples.md``)
     outlier_samples = 8
 
     def _check_saved(self, config: dict[str, Any], where: str) -> None:
