@@ -6,7 +6,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import chi2
 
-__all__ = ["ari", "nmi", "hungarian_f1", "ilisi", "kbet_acceptance"]
+__all__ = ["ari", "nmi", "hungarian_f1", "ilisi", "kbet_acceptance", "batch_separation"]
 
 
 def ari(labels_true, labels_pred) -> float:
@@ -89,3 +89,52 @@ def kbet_acceptance(X, batch, *, n_neighbors: int = 50, alpha: float = 0.05) -> 
     stat = ((observed - expected) ** 2 / expected).sum(1)
     pvals = chi2.sf(stat, df=n_batches - 1)
     return float(np.mean(pvals >= alpha))
+
+
+def batch_separation(counts, batch, *, n_cells: int = 5000, n_genes: int = 2000,
+                     n_pcs: int = 20, n_neighbors: int = 15, seed: int = 0) -> float:
+    """How far apart the batches of raw counts lie before any correction, from 0 (each
+    cell's neighbours are drawn from the batches in proportion to their sizes) to 1 (every
+    neighbour is from the cell's own batch).
+
+    On a random subsample of at most ``n_cells`` cells: counts per 10,000, ``log1p``, the
+    ``n_genes`` most variable genes, ``n_pcs`` principal components, ``n_neighbors``
+    nearest neighbours; per cell ``(f - e) / (1 - e)`` with ``f`` the share of its
+    neighbours in its own batch and ``e`` that batch's share of the other cells; the mean
+    over cells. Batches that hold different cell types raise it too.
+
+    Args:
+        counts: cells x genes, dense or scipy sparse.
+        batch: one label per cell.
+
+    Returns:
+        The separation (``nan`` with a single batch).
+    """
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    batch = np.asarray(batch).astype(str)
+    if len(np.unique(batch)) < 2:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    n = counts.shape[0]
+    idx = np.sort(rng.choice(n, min(n, n_cells), replace=False))
+    X = sp.csr_matrix(counts[idx], dtype=np.float64)
+    lib = np.asarray(X.sum(1)).ravel()
+    X = sp.diags(1e4 / np.maximum(lib, 1.0)) @ X
+    X.data = np.log1p(X.data)
+    mean = np.asarray(X.mean(0)).ravel()
+    var = np.asarray(X.multiply(X).mean(0)).ravel() - mean ** 2
+    genes = np.argsort(-var)[:min(n_genes, int((var > 0).sum()))]
+    Y = X[:, genes].toarray()
+    k = min(n_neighbors, len(idx) - 1)
+    n_comp = max(1, min(n_pcs, Y.shape[1], len(idx) - 1))
+    Z = PCA(n_comp, random_state=0).fit_transform(Y) if Y.shape[1] > 1 else Y
+    nb = NearestNeighbors(n_neighbors=k + 1).fit(Z).kneighbors(Z, return_distance=False)[:, 1:]
+    b = batch[idx]
+    same = (b[nb] == b[:, None]).mean(1)
+    _, inv, cnt = np.unique(b, return_inverse=True, return_counts=True)
+    expected = (cnt[inv] - 1) / max(len(b) - 1, 1)
+    keep = expected < 1
+    return float(np.mean((same[keep] - expected[keep]) / (1 - expected[keep])))

@@ -24,7 +24,8 @@ from torch.distributions.transforms import Transform
 
 from .nn import MLP
 
-__all__ = ["Encoder", "GaussianEncoder", "IAFEncoder", "FlowPosterior", "POSTERIORS"]
+__all__ = ["Encoder", "GaussianEncoder", "IAFEncoder", "FlowPosterior", "POSTERIORS",
+           "shared_noise_draws"]
 
 POSTERIORS = ("normal", "iaf")
 
@@ -172,6 +173,26 @@ class FlowPosterior(TransformedDistribution):
         """The same conditioned flow steps on another base Gaussian (per-cell refinement),
         cut from the encoder's graph."""
         return FlowPosterior(base, [t.detached() for t in self.transforms])
+
+
+def shared_noise_draws(qz: Independent | FlowPosterior, n_samples: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n_samples`` draws of each cell's posterior, ``(n_samples, cells, n_latent)``, made
+    from one set of standard-normal draws shared by all cells (``loc + scale * eps``, then
+    the flow steps): a cell's draws depend on its own posterior and the random state only,
+    not on which other cells are in the call or where it stands among them. Each cell's
+    draws still follow its ``q(z | x)``; the cells' Monte Carlo errors are correlated."""
+    flow = isinstance(qz, FlowPosterior)
+    base = qz.base_dist if flow else qz
+    normal = base.base_dist if isinstance(base, Independent) else base
+    loc, scale = normal.loc, normal.scale
+    eps = torch.randn((n_samples, *([1] * (loc.dim() - 1)), loc.shape[-1]),
+                      dtype=loc.dtype, device=loc.device, generator=generator)
+    z = loc + scale * eps
+    if flow:
+        for t in qz.transforms:
+            z = t(z)
+    return z
 
 
 class IAFEncoder(GaussianEncoder):

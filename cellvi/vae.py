@@ -20,7 +20,7 @@ from torch.distributions import Distribution
 from .decoders import Decoder
 from .nn import SparseRows
 from .objectives import iwae, kl, log_likelihood
-from .posteriors import Encoder
+from .posteriors import Encoder, shared_noise_draws
 from .priors import MixturePrior, Prior
 
 __all__ = ["VAE", "MixtureVAE"]
@@ -123,11 +123,20 @@ class MixtureVAE(VAE):
         """``q(c | x)`` of the encoder's posterior (:meth:`cluster_posterior`)."""
         return self.cluster_posterior(self.encode(batch), n_samples)
 
-    def cluster_posterior(self, qz: Distribution, n_samples: int = 0) -> torch.Tensor:
+    def cluster_posterior(self, qz: Distribution, n_samples: int = 0,
+                          seed: int | None = None) -> torch.Tensor:
         """``q(c | x) = E_{q(z|x)}[p(c | z)]`` averaged over ``n_samples`` draws of ``qz``;
         ``n_samples=0``: ``p(c | z)`` at the posterior mean (what training's M-step uses).
         The average carries the posterior's uncertainty about ``z`` into the probabilities,
-        which at the mean alone are over-confident for cells between clusters."""
+        which at the mean alone are over-confident for cells between clusters. The draws
+        share one set of standard-normal noise over the cells
+        (:func:`cellvi.posteriors.shared_noise_draws`), drawn from ``seed`` when given (the
+        same noise in every call with that seed: a cell's probabilities then do not depend
+        on the other cells of the call or of its chunk) or else from torch's random state."""
         if n_samples <= 0:
             return self.prior.responsibilities(qz.mean)
-        return self.prior.responsibilities(qz.sample((n_samples,))).mean(0)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=qz.mean.device).manual_seed(int(seed))
+        draws = shared_noise_draws(qz, n_samples, generator=generator)
+        return self.prior.responsibilities(draws).mean(0)

@@ -342,3 +342,32 @@ def test_batch_penalty_lowers_the_latents_batch_dependence_and_is_recorded():
     for bad in (-1.0, float("nan"), "10", True):
         with pytest.raises(ValueError, match="non-negative"):
             GMVAE(ad, batch_key="batch").fit(batch_penalty=bad, verbose=False, **FAST)
+
+
+def test_cluster_probabilities_of_a_cell_do_not_depend_on_the_other_cells(cyto, discovered):
+    """The Monte Carlo draws of q(c | x) are made from noise shared by all cells, so a
+    cell's probabilities are the same in any subset, order or chunking of the call."""
+    _, model = discovered
+    full = model.transform(cyto).probs
+    chunked = model.transform(cyto, batch_size=97).probs
+    np.testing.assert_allclose(chunked, full, atol=1e-6)
+    rows = np.random.default_rng(0).permutation(cyto.n_obs)[:300]
+    np.testing.assert_allclose(model.transform(cyto[rows].copy()).probs, full[rows], atol=1e-6)
+
+
+@pytest.mark.parametrize("posterior", ["normal", "iaf"])
+def test_shared_noise_draws_follow_each_cells_posterior(posterior):
+    from cellvi.posteriors import GaussianEncoder, IAFEncoder, shared_noise_draws
+
+    torch.manual_seed(0)
+    enc = (IAFEncoder(5, 3, n_hidden=16, n_flows=2) if posterior == "iaf"
+           else GaussianEncoder(5, 3, n_hidden=16)).eval()
+    with torch.no_grad():
+        qz = enc(torch.randn(4, 5))
+        draws = shared_noise_draws(qz, 40000)
+        ref = qz.sample((40000,))
+    assert draws.shape == ref.shape == (40000, 4, 3)
+    torch.testing.assert_close(draws.mean(0), ref.mean(0), atol=0.03, rtol=0)
+    torch.testing.assert_close(draws.std(0), ref.std(0), atol=0.03, rtol=0.03)
+    # the cells' draws are log-probable under their own posterior as qz's own samples are
+    assert abs(float(qz.log_prob(draws).mean() - qz.log_prob(ref).mean())) < 0.05

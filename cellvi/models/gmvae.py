@@ -408,7 +408,7 @@ class GMVAE(Model):
 
         def fn(batch):
             q = self._refined(batch, refine_steps)
-            return torch.cat([q.mean, self.module.cluster_posterior(q, n_samples)], 1)
+            return torch.cat([q.mean, self.module.cluster_posterior(q, n_samples, seed=seed)], 1)
         both = self._per_cell(adata, fn, seed=seed, batch_size=batch_size)
         latent = both[:, : self.settings["n_latent"]].astype(np.float32)
         probs = both[:, self.settings["n_latent"]:][:, self.cluster_order].astype(np.float32)
