@@ -293,11 +293,28 @@ def test_batch_log_ratios_match_dense_proportions_without_copying_the_counts():
     assert peak < 0.25 * (X.data.nbytes + X.indices.nbytes)  # no copy of the counts
 
 
-def test_the_batch_penalty_is_off_by_default_and_recorded(small_adata):
-    from cellvi.models.nbvae import BATCH_PENALTY
+def test_the_default_batch_penalty_follows_the_batch_separation_and_is_recorded(small_adata):
+    from cellvi.metrics import batch_separation
+    from cellvi.models.nbvae import BATCH_PENALTY, SEPARATION_THRESHOLD
 
+    # the simulator's batches lie apart (separation 1): the penalty is on
     default = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(max_epochs=1, verbose=False)
-    assert default.train_settings["batch_penalty"] == 0.0
+    assert default.train_settings["batch_penalty"] == BATCH_PENALTY == 100.0
+    assert default.train_settings["batch_separation"] >= SEPARATION_THRESHOLD
+    # a batch label drawn at random from cells of one distribution: off
+    mixed = small_adata.copy()
+    mixed.obs["random"] = np.random.default_rng(0).choice(["a", "b"], mixed.n_obs)
+    assert abs(batch_separation(mixed.X, mixed.obs["random"])) < 0.1
+    off = cellvi.models.NBVAE(mixed, batch_key="random").fit(max_epochs=1, verbose=False)
+    assert off.train_settings["batch_penalty"] == 0.0
+    assert off.train_settings["batch_separation"] < SEPARATION_THRESHOLD
+    nobatch = cellvi.models.NBVAE(small_adata).fit(max_epochs=1, verbose=False)
+    assert nobatch.train_settings["batch_penalty"] == 0.0
+    assert nobatch.train_settings["batch_separation"] is None
+    assert np.isnan(batch_separation(mixed.X, np.zeros(mixed.n_obs)))
+    on = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(
+        max_epochs=1, batch_penalty=0.0, verbose=False)
+    assert on.train_settings["batch_penalty"] == 0.0
     on = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(
         max_epochs=1, batch_penalty=BATCH_PENALTY, verbose=False)
     assert on.train_settings["batch_penalty"] == BATCH_PENALTY == 100.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from ..data import BackedRows, CountData, check_var_names, prepare_counts
 from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
 from ..errors import InvalidInputError, MissingKeyError
+from ..metrics import batch_separation
 from ..objectives import ELBO
 from ..posteriors import POSTERIORS
 from ..priors import StandardNormal
@@ -31,12 +33,19 @@ from ._base import (
 )
 from ._persist import choice, flag, integer, number, text, texts
 
-__all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios", "BATCH_PENALTY"]
+logger = logging.getLogger("cellvi")
+
+__all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios", "BATCH_PENALTY", "SEPARATION_THRESHOLD"]
 
 #: the recommended weight of ``fit``'s latent batch penalty (``integration_panel_variants.md``:
 #: 100 was the setting at least the best peer on every panel set with every seed above the
 #: control; 1,000 over-corrects); not the default yet, see ``fit``
 BATCH_PENALTY = 100.0
+#: ``fit``'s default applies :data:`BATCH_PENALTY` when the raw counts' batches are at least
+#: this far apart (:func:`cellvi.metrics.batch_separation`, the largest over the batch keys):
+#: the panel's protocol batches lie at 0.95-1.00, the Kang donor batches (where the penalty
+#: lowers the cell-type ARI) at 0.14-0.18 (``docs/design.md``, NB-VAE batch penalty)
+SEPARATION_THRESHOLD = 0.5
 
 
 def batch_log_ratios(data: CountData, pseudo: float = 1e-6) -> list[np.ndarray]:
@@ -206,7 +215,7 @@ class NBVAE(Model):
         checkpoint_every: int = 1,
         resume: bool = False,
         objective: str | ELBO = "elbo",
-        batch_penalty: float = 0.0,
+        batch_penalty: float | None = None,
         **train_kwargs: Any,
     ) -> NBVAE:
         """Train on the AnnData given at construction.
@@ -231,14 +240,20 @@ class NBVAE(Model):
                 bound with 8 / K samples, :class:`cellvi.objectives.IWAE`) or an objective.
             batch_penalty: weight (nats per cell) of a penalty on the latent's dependence on
                 the batch (MMD between each batch's latent means and all of them, annealed
-                with the KL warm-up; :func:`cellvi.objectives.batch_mmd`); ``0`` (default):
-                none. :data:`BATCH_PENALTY` (100) lifted every integration-panel set above the
-                best peer, but lowers the Leiden cell-type ARI on Kang 8 donors below the
-                real-data test's bound in some runs, so it is not the default yet
-                (``docs/design.md``, NB-VAE batch penalty).
+                with the KL warm-up; :func:`cellvi.objectives.batch_mmd`). ``None``
+                (default): :data:`BATCH_PENALTY` (100) when the batches of the raw counts lie
+                apart (:func:`cellvi.metrics.batch_separation` at least
+                :data:`SEPARATION_THRESHOLD`, as between protocols), else ``0``; the
+                separation is logged and kept in ``train_settings["batch_separation"]``. The
+                penalty lifted every integration-panel set above the best peer, but on mild
+                donor batches it lowers the cell-type ARI (``docs/design.md``, NB-VAE batch
+                penalty). A number sets the weight yourself (``0``: none).
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
+        separation = None
+        if batch_penalty is None:
+            batch_penalty, separation = self._default_batch_penalty(self._require_data())
         objective = self._objective(objective, batch_penalty)
         _, data, seed = self._start_fit(seed, device)
         config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
@@ -251,8 +266,28 @@ class NBVAE(Model):
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
                          objective=repr(objective), batch_penalty=float(objective.batch_penalty),
-                         **train_kwargs)
+                         batch_separation=separation, **train_kwargs)
         return self
+
+    @staticmethod
+    def _default_batch_penalty(d: CountData) -> tuple[float, float | None]:
+        """``fit``'s default penalty and the batch separation it was chosen from (``None``
+        without batches)."""
+        if d.covs is None:
+            return 0.0, None
+        n = d.X.shape[0]
+        idx = np.sort(np.random.default_rng(0).choice(n, min(n, 5000), replace=False))
+        rows = sp.csr_matrix(d.X.matrix[idx]) if isinstance(d.X, BackedRows) else d.X[idx]
+        seps = [batch_separation(rows, d.covs[idx, j], n_cells=len(idx))
+                for j in range(d.covs.shape[1])]
+        seps = [v for v in seps if np.isfinite(v)]
+        if not seps:
+            return 0.0, None
+        separation = float(max(seps))
+        penalty = BATCH_PENALTY if separation >= SEPARATION_THRESHOLD else 0.0
+        logger.info("batch separation of the raw counts %.3f (threshold %.2f): batch_penalty=%g",
+                    separation, SEPARATION_THRESHOLD, penalty)
+        return penalty, separation
 
     # -- inference ----------------------------------------------------------------------
     @deterministic
