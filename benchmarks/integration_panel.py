@@ -290,8 +290,9 @@ def _cell(d, c, nd=3):
     return f"{_f(s['mean'], nd)} ({_f(s['min'], nd)}–{_f(s['max'], nd)})"
 
 
-def write_markdown(res: dict, path: Path) -> None:
-    L = ["# Integration robustness panel (issue 21 item 1, first slice)\n"]
+def provenance_lines(res: dict, title: str) -> list[str]:
+    """The title, a PARTIAL mark, command, date, versions, git state and machine."""
+    L = [f"# {title}\n"]
     if res.get("partial"):
         L.append(f"**PARTIAL: {res['partial']}**\n")
     L.append(f"Command: `{res['command']}`  ")
@@ -301,8 +302,13 @@ def write_markdown(res: dict, path: Path) -> None:
     if g:
         L.append(f"cellvi code: git {g['head']}"
                  + (" with uncommitted changes under cellvi/" if g["cellvi_dirty"] else "")
-                 + f", imported once at {g['time']}  ")
+                 + (f", imported once at {g['time']}" if g.get("time") else "") + "  ")
     L.append(f"Machine: {res['machine']}\n")
+    return L
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    L = provenance_lines(res, "Integration robustness panel (issue 21 item 1, first slice)")
     L.append(
         "Protocol: `scib_nbvae.py`'s preprocessing, methods and scib-metrics `Benchmarker` call "
         "(imported; `min_max_scale=False`, Total = 0.6 Bio + 0.4 Batch), batch key `batch`, label "

@@ -205,11 +205,7 @@ def run_dataset(name: str, seeds: list[int], variants: dict[str, dict], score_ev
     t0 = time.perf_counter()
     scores = base.scib_scores(s, list(methods))
     log(f"   scib-metrics {time.perf_counter() - t0:.1f} s")
-    rows = []
-    for key, info in methods.items():
-        row = dict(key=key, **info)
-        row.update({c: float(scores.loc[key, c]) for c in scores.columns})
-        rows.append(row)
+    rows = base.score_rows(methods, scores)
     cv = [f"{CELLVI} ({v})" for v in variants]
     return dict(dataset=name, desc=d["desc"], rows=rows, scib_columns=list(scores.columns),
                 summary=ip.summarise(rows, cv), n_obs=len(X), n_scored=len(scored),
@@ -220,17 +216,7 @@ def run_dataset(name: str, seeds: list[int], variants: dict[str, dict], score_ev
 
 def write_markdown(res: dict, path: Path) -> None:
     f, cell = ip._f, ip._cell
-    L = ["# Integration robustness panel: cytometry (issue 21, item 1)\n"]
-    if res.get("partial"):
-        L.append(f"**PARTIAL: {res['partial']}**\n")
-    L.append(f"Command: `{res['command']}`  ")
-    L.append(f"Date: {res['date']}  ")
-    L.append("Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()) + "  ")
-    g = res.get("git") or {}
-    if g:
-        L.append(f"cellvi code: git {g['head']}"
-                 + (" with uncommitted changes under cellvi/" if g["cellvi_dirty"] else "") + "  ")
-    L.append(f"Machine: {res['machine']}\n")
+    L = ip.provenance_lines(res, "Integration robustness panel: cytometry (issue 21, item 1)")
     L.append("Protocol: this script's docstring. cellvi variants (each `tl.gmvae(adata, "
              "batch_key=\"batch\", seed=s, **kwargs)`, one fit per seed, "
              f"seeds {', '.join(map(str, res['seeds']))}): "

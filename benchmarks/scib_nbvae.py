@@ -176,6 +176,16 @@ def run_cellvi(adata, seed: int, retries: int = 3, wait: float = 60.0, **nbvae_k
     raise RuntimeError("unreachable")
 
 
+def score_rows(methods: dict, scores) -> list[dict]:
+    """One row per method: its info and its scib scores (a Benchmarker results frame)."""
+    rows = []
+    for key, info in methods.items():
+        row = dict(key=key, **info)
+        row.update({c: float(scores.loc[key, c]) for c in scores.columns})
+        rows.append(row)
+    return rows
+
+
 def scib_scores(adata, keys: list[str]):
     from scib_metrics.benchmark import BatchCorrection, Benchmarker, BioConservation
 
@@ -221,11 +231,7 @@ def benchmark_dataset(name: str, seeds: list[int]) -> dict:
     t0 = time.perf_counter()
     scores = scib_scores(adata, list(methods))
     log(f"   scib-metrics {time.perf_counter() - t0:.1f} s")
-    rows = []
-    for key, info in methods.items():
-        row = dict(key=key, **info)
-        row.update({c: float(scores.loc[key, c]) for c in scores.columns})
-        rows.append(row)
+    rows = score_rows(methods, scores)
 
     summary = {}
     for method in ("cellvi NB-VAE", "scVI"):
