@@ -108,7 +108,7 @@ def batch_separation(counts, batch, *, n_cells: int = 5000, n_genes: int = 2000,
         batch: one label per cell.
 
     Returns:
-        The separation (``nan`` with a single batch).
+        The separation (``nan`` with a single batch or no varying gene).
     """
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
@@ -126,7 +126,9 @@ def batch_separation(counts, batch, *, n_cells: int = 5000, n_genes: int = 2000,
     X.data = np.log1p(X.data)
     mean = np.asarray(X.mean(0)).ravel()
     var = np.asarray(X.multiply(X).mean(0)).ravel() - mean ** 2
-    genes = np.argsort(-var)[:min(n_genes, int((var > 0).sum()))]
+    genes = np.argsort(-var)[:min(n_genes, int((var > 1e-12).sum()))]
+    if len(genes) == 0:  # every gene constant: no expression to separate the batches by
+        return float("nan")
     Y = X[:, genes].toarray()
     k = min(n_neighbors, len(idx) - 1)
     n_comp = max(1, min(n_pcs, Y.shape[1], len(idx) - 1))

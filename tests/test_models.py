@@ -312,6 +312,7 @@ def test_the_default_batch_penalty_follows_the_batch_separation_and_is_recorded(
     assert nobatch.train_settings["batch_penalty"] == 0.0
     assert nobatch.train_settings["batch_separation"] is None
     assert np.isnan(batch_separation(mixed.X, np.zeros(mixed.n_obs)))
+    assert np.isnan(batch_separation(np.ones((40, 1)), mixed.obs["random"][:40]))  # no varying gene
     on = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(
         max_epochs=1, batch_penalty=0.0, verbose=False)
     assert on.train_settings["batch_penalty"] == 0.0
