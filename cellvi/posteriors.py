@@ -176,16 +176,19 @@ class FlowPosterior(TransformedDistribution):
 
 
 def shared_noise_draws(qz: Independent | FlowPosterior, n_samples: int,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
+                       seed: int | None = None) -> torch.Tensor:
     """``n_samples`` draws of each cell's posterior, ``(n_samples, cells, n_latent)``, made
     from one set of standard-normal draws shared by all cells (``loc + scale * eps``, then
     the flow steps): a cell's draws depend on its own posterior and the random state only,
     not on which other cells are in the call or where it stands among them. Each cell's
-    draws still follow its ``q(z | x)``; the cells' Monte Carlo errors are correlated."""
+    draws still follow its ``q(z | x)``; the cells' Monte Carlo errors are correlated. The
+    noise comes from ``seed`` when given (the same in every call with it), else from torch's
+    random state."""
     flow = isinstance(qz, FlowPosterior)
     base = qz.base_dist if flow else qz
     normal = base.base_dist if isinstance(base, Independent) else base
     loc, scale = normal.loc, normal.scale
+    generator = None if seed is None else torch.Generator(device=loc.device).manual_seed(int(seed))
     eps = torch.randn((n_samples, *([1] * (loc.dim() - 1)), loc.shape[-1]),
                       dtype=loc.dtype, device=loc.device, generator=generator)
     z = loc + scale * eps

@@ -135,8 +135,4 @@ class MixtureVAE(VAE):
         on the other cells of the call or of its chunk) or else from torch's random state."""
         if n_samples <= 0:
             return self.prior.responsibilities(qz.mean)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=qz.mean.device).manual_seed(int(seed))
-        draws = shared_noise_draws(qz, n_samples, generator=generator)
-        return self.prior.responsibilities(draws).mean(0)
+        return self.prior.responsibilities(shared_noise_draws(qz, n_samples, seed)).mean(0)
