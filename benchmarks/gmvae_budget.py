@@ -66,6 +66,10 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     # the default network and steps with fewer epochs at least (binds on large files only:
     # Spectre, 60,000 events, ran 25 mixture epochs for 1,000 steps)
     "E10": ({}, dict(warmup_epochs=(2, 60), mixture_epochs=(10, 300))),
+    # the default budget with narrower networks (64 hidden units: about a quarter of the
+    # matrix-product work per step), to see whether the width, alone, is needed
+    "W64": (dict(n_hidden=64), {}),
+    "W96": (dict(n_hidden=96), {}),
     "B": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 150, 400, 5)),
     "C": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 200, 700, 5)),
     "D": (dict(_FAST_NET, n_hidden=128, batch_size=1024), _schedule(10000, 200, 700, 5)),
@@ -123,12 +127,12 @@ NOTES = (
 )
 
 
-def render(records: list[dict], path: Path, header: str) -> None:
+def render(records: list[dict], path: Path, header: str, notes: str = NOTES) -> None:
     groups = collections.defaultdict(list)
     for r in records:
         groups[(r["task"], r["config"])].append(r)
     order = list(CONFIGS)
-    L = ["# GMVAE training budget vs quality", "", header, "", NOTES, "",
+    L = ["# GMVAE training budget vs quality", "", header, "", notes, "",
          "| task | config | fits | F1 | ARI | clusters per seed | seconds |", "|---|---|---|---|---|---|---|"]
     for (task, config), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
         f1 = [r["f1"] for r in rs]
@@ -147,6 +151,8 @@ def main(argv=None) -> None:
                    help="input[K]:first-last seeds, input in sim, flowsom, spectre, flowcap")
     p.add_argument("--jsonl", default=str(Path(__file__).parent / "results" / "gmvae_budget.jsonl"))
     p.add_argument("--render", action="store_true", help="only rewrite the markdown")
+    p.add_argument("--notes", default=None,
+                   help="provenance paragraph of the markdown (default: that of gmvae_budget.jsonl)")
     args = p.parse_args(argv)
     jsonl = Path(args.jsonl)
     if not args.render:
@@ -167,7 +173,7 @@ def main(argv=None) -> None:
     header = ("Fits from `python benchmarks/gmvae_budget.py` (one record per fit in "
               f"`{jsonl.name}`); configurations in `CONFIGS` of the script. Mean [min–max] over "
               "seeds; seconds of the `cellvi.tl.gmvae` call, single-threaded.")
-    render(records, jsonl.with_suffix(".md"), header)
+    render(records, jsonl.with_suffix(".md"), header, NOTES if args.notes is None else args.notes)
 
 
 if __name__ == "__main__":
