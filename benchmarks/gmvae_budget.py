@@ -69,7 +69,6 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     # the default budget with narrower networks (64 hidden units: about a quarter of the
     # matrix-product work per step), to see whether the width, alone, is needed
     "W64": (dict(n_hidden=64), {}),
-    "W96": (dict(n_hidden=96), {}),
     "B": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 150, 400, 5)),
     "C": (dict(_FAST_NET, batch_size=1024), _schedule(10000, 200, 700, 5)),
     "D": (dict(_FAST_NET, n_hidden=128, batch_size=1024), _schedule(10000, 200, 700, 5)),

@@ -22,8 +22,8 @@ variant and seed (obsm key ``X_nbvae_<name>_s<seed>``, method ``cellvi NB-VAE (<
 scored in the same ``Benchmarker`` call as the peers; the tables then show each variant's mean
 and range over seeds, its margin to the best peer and whether every seed is above the control.
 ``--scvi-seeds`` trains scVI for only some of the seeds (its full-size fits are the run's
-longest); the tables count its fits as ``scVI (xN)``. ``--skip-scvi`` leaves scVI out (quick checks only: the best peer is then Harmony or the
-control).
+longest); the tables count its fits as ``scVI (xN)``. ``--skip-scvi`` leaves scVI out (quick
+checks only: the best peer is then Harmony or the control).
 
 For the simulated sets the silhouette score of the *missing* type
 (``uns["simulation"]["missing"]``) is also computed per embedding, with the formula scib's
@@ -480,7 +480,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--scvi-seeds", nargs="+", type=int, default=None,
                    help="train scVI only for these of --seeds (default: all); its full-size fits "
-                        "take ~15-20 min each on one thread")
+                        "took 18-68 min each on one shared thread here")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 300-cell subsamples, seed 0, 5 epochs for scVI and cellvi")
     p.add_argument("--out", default=str(base.REPO / "benchmarks" / "results"))
