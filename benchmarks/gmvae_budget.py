@@ -150,7 +150,7 @@ def main(argv=None) -> None:
                    help="input[K]:first-last seeds, input in sim, flowsom, spectre, flowcap")
     p.add_argument("--jsonl", default=str(Path(__file__).parent / "results" / "gmvae_budget.jsonl"))
     p.add_argument("--render", action="store_true", help="only rewrite the markdown")
-    p.add_argument("--notes", default=None,
+    p.add_argument("--notes", default=NOTES,
                    help="provenance paragraph of the markdown (default: that of gmvae_budget.jsonl)")
     args = p.parse_args(argv)
     jsonl = Path(args.jsonl)
@@ -172,7 +172,7 @@ def main(argv=None) -> None:
     header = ("Fits from `python benchmarks/gmvae_budget.py` (one record per fit in "
               f"`{jsonl.name}`); configurations in `CONFIGS` of the script. Mean [min–max] over "
               "seeds; seconds of the `cellvi.tl.gmvae` call, single-threaded.")
-    render(records, jsonl.with_suffix(".md"), header, NOTES if args.notes is None else args.notes)
+    render(records, jsonl.with_suffix(".md"), header, args.notes)
 
 
 if __name__ == "__main__":
