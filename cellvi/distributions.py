@@ -96,10 +96,17 @@ def _gather(param: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torc
     return param[..., rows, cols]
 
 
-def _nb_lgamma_nz(v: torch.Tensor, theta_nz: torch.Tensor) -> torch.Tensor:
+def _nb_lgamma_nz(v: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor,
+                  cols: torch.Tensor) -> torch.Tensor:
+    """``lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)`` on the non-zeros ``(rows, cols,
+    v)``; for a per-gene ``theta``, ``lgamma(theta)`` (and its gradient, a digamma) is taken
+    once per gene instead of once per non-zero."""
     with torch.no_grad():
         const = torch.lgamma(v + 1.0)
-    return torch.lgamma(v + theta_nz) - torch.lgamma(theta_nz) - const
+    theta_nz = _gather(theta, rows, cols)
+    per_gene = theta.dim() == 1 or theta.shape[-2] == 1
+    lgamma_theta = _gather(torch.lgamma(theta), rows, cols) if per_gene else torch.lgamma(theta_nz)
+    return torch.lgamma(v + theta_nz) - lgamma_theta - const
 
 
 class _NBCore(torch.autograd.Function):
@@ -309,7 +316,7 @@ class NegativeBinomial(_CountDistribution):
         rows, cols, v = nonzero  # of the cells x genes value; parameters may have samples in front
         if not (torch.is_grad_enabled() and (self.log_mu.requires_grad or self.theta.requires_grad)):
             return self._log_prob_cells_inference(value.shape[0], rows, cols, v)
-        sparse = _nb_lgamma_nz(v, _gather(self.theta, rows, cols))
+        sparse = _nb_lgamma_nz(v, self.theta, rows, cols)
         if self.log_mu.dim() == 2 and self.theta.dim() <= 2:
             core = _NBCells.apply(self.log_mu, self.theta, rows, cols, v)
             return core + _per_cell(value.shape[0], rows, sparse)
@@ -330,7 +337,7 @@ class NegativeBinomial(_CountDistribution):
             dense = -(sp @ theta[0])
         else:
             dense = -(sp * theta).sum(-1)
-        sparse = v * F.logsigmoid(s_nz) + _nb_lgamma_nz(v, _gather(theta, rows, cols))
+        sparse = v * F.logsigmoid(s_nz) + _nb_lgamma_nz(v, theta, rows, cols)
         return dense + _per_cell(n_cells, rows, sparse)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
@@ -374,7 +381,7 @@ class SoftmaxNegativeBinomial(NegativeBinomial):
                 or not (self.logits.requires_grad or self.theta.requires_grad)):
             return super().log_prob_cells(value, nonzero)
         rows, cols, v = nonzero
-        sparse = _nb_lgamma_nz(v, _gather(self.theta, rows, cols))
+        sparse = _nb_lgamma_nz(v, self.theta, rows, cols)
         core = _SoftmaxNBCells.apply(self.logits, self.log_library, self.theta, rows, cols, v)
         return core + _per_cell(value.shape[0], rows, sparse)
 
@@ -429,7 +436,7 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         zero_case = torch.logaddexp(self.gate_logits + log_not_gate, log_not_gate + log_nb)
         # at the non-zeros, swap the zero case for log(1 - gate) + log NB(x)
         swap = (_gather(log_not_gate, rows, cols) + _gather(log_nb, rows, cols)
-                - _gather(zero_case, rows, cols) + _nb_lgamma_nz(v, _gather(self.theta, rows, cols)))
+                - _gather(zero_case, rows, cols) + _nb_lgamma_nz(v, self.theta, rows, cols))
         return zero_case.sum(-1) + _per_cell(value.shape[0], rows, swap)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:

@@ -35,10 +35,48 @@ class SparseRows(NamedTuple):
         return torch.searchsorted(self.rows, torch.arange(self.n_rows, device=self.rows.device))
 
 
+#: above this share of non-zeros the weight gradient of :func:`sparse_linear` is one dense
+#: matrix product (a 512 x 2,000 block at 11% non-zeros: 3.8 ms against 7.1 ms sparse, one
+#: thread); below it a sparse product, whose cost follows the non-zeros (1.5-1.9 ms against
+#: 5.1 ms at 3%)
+DENSE_GRADIENT_SHARE = 0.05
+
+
+class _SparseLinear(torch.autograd.Function):
+    """``dense(x) @ weight.T`` from the non-zeros of ``x``: forward with ``embedding_bag``;
+    backward with one matrix product for the weight (``embedding_bag``'s own backward sorts
+    the non-zeros and scatters them one by one: 16 ms for a 512 x 2,000 block at 11%
+    non-zeros, against about 4 ms here)."""
+
+    @staticmethod
+    def forward(ctx, rows, cols, values, offsets, n_rows, weight):
+        ctx.n_rows = n_rows
+        ctx.save_for_backward(rows, cols, values, weight)
+        return F.embedding_bag(cols, weight.t().contiguous(), offsets, mode="sum",
+                               per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, cols, values, weight = ctx.saved_tensors
+        grad_values = grad_weight = None
+        if ctx.needs_input_grad[2]:
+            grad_values = (grad[rows] * weight.t()[cols]).sum(-1)
+        if ctx.needs_input_grad[5]:
+            n_out, n_in = weight.shape
+            if values.numel() > DENSE_GRADIENT_SHARE * ctx.n_rows * n_in:
+                dense = grad.new_zeros(ctx.n_rows, n_in).index_put_((rows, cols), values)
+                grad_weight = grad.t() @ dense
+            else:
+                coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (ctx.n_rows, n_in),
+                                              is_coalesced=True,  # row-major sorted, unique
+                                              check_invariants=False)
+                grad_weight = (coo.t() @ grad).t()
+        return None, None, grad_values, None, None, grad_weight
+
+
 def sparse_linear(x: SparseRows, linear: nn.Linear) -> torch.Tensor:
     """``linear(dense(x))`` computed from the non-zeros of ``x``."""
-    out = F.embedding_bag(x.cols, linear.weight.t().contiguous(), x.offsets(), mode="sum",
-                          per_sample_weights=x.values)
+    out = _SparseLinear.apply(x.rows, x.cols, x.values, x.offsets(), x.n_rows, linear.weight)
     return out + linear.bias if linear.bias is not None else out
 
 

@@ -67,3 +67,31 @@ def test_sparse_rows_first_layer_equals_dense():
     mlp.zero_grad()
     mlp(x, covs).sum().backward()
     torch.testing.assert_close(g_sparse, mlp.linears[0].weight.grad)
+
+
+@pytest.mark.parametrize("share", [0.0, 1.1])  # the dense and the sparse weight gradient
+def test_sparse_linear_gradients_match_dense(monkeypatch, share):
+    import cellvi.nn as cnn
+    from cellvi.distributions import nonzeros_of
+
+    monkeypatch.setattr(cnn, "DENSE_GRADIENT_SHARE", share)
+    torch.manual_seed(1)
+    x = (torch.poisson(torch.rand(7, 12) * 3) * (torch.rand(7, 12) > 0.6)).double()
+    x[2] = 0  # an empty row
+    rows, cols, vals = nonzeros_of(x)
+    lin = torch.nn.Linear(12, 5).double()
+    vals = vals.clone().requires_grad_(True)
+    out = cnn.sparse_linear(cnn.SparseRows(rows, cols, vals, 7), lin)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    dense = torch.zeros_like(x).index_put((rows, cols), vals.detach()).requires_grad_(True)
+    lin_ref = torch.nn.Linear(12, 5).double()
+    lin_ref.load_state_dict(lin.state_dict())
+    (lin_ref(dense) * weights).sum().backward()
+    torch.testing.assert_close(out, lin_ref(dense))
+    torch.testing.assert_close(lin.weight.grad, lin_ref.weight.grad)
+    torch.testing.assert_close(lin.bias.grad, lin_ref.bias.grad)
+    torch.testing.assert_close(vals.grad, dense.grad[rows, cols])
+    assert torch.autograd.gradcheck(
+        lambda v, w: cnn._SparseLinear.apply(rows, cols, v, cnn.SparseRows(rows, cols, v, 7).offsets(), 7, w),
+        (vals.detach().clone().requires_grad_(True), lin.weight.detach().clone().requires_grad_(True)))
