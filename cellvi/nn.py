@@ -44,9 +44,9 @@ DENSE_GRADIENT_SHARE = 0.05
 
 class _SparseLinear(torch.autograd.Function):
     """``dense(x) @ weight.T`` from the non-zeros of ``x``: forward with ``embedding_bag``;
-    backward with one matrix product for the weight (``embedding_bag``'s own backward sorts
-    the non-zeros and scatters them one by one: 16 ms for a 512 x 2,000 block at 11%
-    non-zeros, against about 4 ms here)."""
+    backward with one matrix product for the weight instead of ``embedding_bag``'s own
+    backward, which sorts the non-zeros and scatters them one by one (forward + backward of a
+    512 x 2,000 block at 11% non-zeros: 6.8 ms against 10.3 ms, one thread)."""
 
     @staticmethod
     def forward(ctx, rows, cols, values, offsets, n_rows, weight):
@@ -64,11 +64,12 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             n_out, n_in = weight.shape
             if values.numel() > DENSE_GRADIENT_SHARE * ctx.n_rows * n_in:
-                dense = grad.new_zeros(ctx.n_rows, n_in).index_put_((rows, cols), values)
+                # accumulate: a repeated (row, col) adds up, as in the forward's embedding_bag
+                dense = grad.new_zeros(ctx.n_rows, n_in).index_put_((rows, cols), values,
+                                                                    accumulate=True)
                 grad_weight = grad.t() @ dense
             else:
                 coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (ctx.n_rows, n_in),
-                                              is_coalesced=True,  # row-major sorted, unique
                                               check_invariants=False)
                 grad_weight = (coo.t() @ grad).t()
         return None, None, grad_values, None, None, grad_weight

@@ -95,3 +95,19 @@ def test_sparse_linear_gradients_match_dense(monkeypatch, share):
     assert torch.autograd.gradcheck(
         lambda v, w: cnn._SparseLinear.apply(rows, cols, v, cnn.SparseRows(rows, cols, v, 7).offsets(), 7, w),
         (vals.detach().clone().requires_grad_(True), lin.weight.detach().clone().requires_grad_(True)))
+
+
+@pytest.mark.parametrize("share", [0.0, 1.1])
+def test_sparse_linear_repeated_entries_add_up(monkeypatch, share):
+    """A (row, col) given twice counts twice, in the output and in the weight gradient."""
+    import cellvi.nn as cnn
+
+    monkeypatch.setattr(cnn, "DENSE_GRADIENT_SHARE", share)
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 2, 0])
+    vals = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    lin = torch.nn.Linear(3, 2).double()
+    out = cnn.sparse_linear(cnn.SparseRows(rows, cols, vals, 2), lin)
+    dense = torch.tensor([[0.0, 0.0, 3.0], [4.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(out, lin(dense))
+    out.sum().backward()
+    torch.testing.assert_close(lin.weight.grad, torch.ones(2, 2, dtype=torch.float64) @ dense)
