@@ -62,7 +62,7 @@ class _SparseLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_values = (grad[rows] * weight.t()[cols]).sum(-1)
         if ctx.needs_input_grad[5]:
-            n_out, n_in = weight.shape
+            n_in = weight.shape[1]
             if values.numel() > DENSE_GRADIENT_SHARE * ctx.n_rows * n_in:
                 # accumulate: a repeated (row, col) adds up, as in the forward's embedding_bag
                 dense = grad.new_zeros(ctx.n_rows, n_in).index_put_((rows, cols), values,
