@@ -86,14 +86,17 @@ def _per_cell(n_cells: int, rows: torch.Tensor, terms: torch.Tensor) -> torch.Te
     return out.index_add(-1, rows, terms)
 
 
+def _is_per_gene(param: torch.Tensor) -> bool:
+    """Whether ``param`` is per gene, ``(G,)`` or ``(..., 1, G)``, rather than per cell."""
+    return param.dim() == 1 or param.shape[-2] == 1
+
+
 def _gather(param: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Entries (rows, cols) of a per-gene ``(G,)``/``(..., 1, G)`` or per-cell ``(..., B, G)``
     tensor, leading sample dimensions kept: ``(..., nnz)``."""
-    if param.dim() == 1:
-        return param[cols]
-    if param.shape[-2] == 1:
-        return param[..., 0, cols]
-    return param[..., rows, cols]
+    if not _is_per_gene(param):
+        return param[..., rows, cols]
+    return param[cols] if param.dim() == 1 else param[..., 0, cols]
 
 
 def _nb_lgamma_nz(v: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor,
@@ -104,8 +107,8 @@ def _nb_lgamma_nz(v: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor,
     with torch.no_grad():
         const = torch.lgamma(v + 1.0)
     theta_nz = _gather(theta, rows, cols)
-    per_gene = theta.dim() == 1 or theta.shape[-2] == 1
-    lgamma_theta = _gather(torch.lgamma(theta), rows, cols) if per_gene else torch.lgamma(theta_nz)
+    lgamma_theta = (_gather(torch.lgamma(theta), rows, cols) if _is_per_gene(theta)
+                    else torch.lgamma(theta_nz))
     return torch.lgamma(v + theta_nz) - lgamma_theta - const
 
 
