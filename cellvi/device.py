@@ -66,8 +66,9 @@ class DeviceMatrix:
         offsets = torch.cumsum(lengths, 0) - lengths
         pos = torch.arange(total, device=self.device) - torch.repeat_interleave(
             offsets - starts, lengths, output_size=total)
-        cols, vals = self.indices[pos], self.data[pos]
-        out[row_ids, cols] = vals
+        cols, vals = self.indices.index_select(0, pos), self.data.index_select(0, pos)
+        # a repeated (row, col) of the CSR adds up, as in its non-zeros below and in scipy
+        out.view(-1).scatter_add_(0, row_ids * self.shape[1] + cols, vals)
         if with_nonzeros:
             keep = vals != 0  # explicitly stored zeros are not non-zeros
             if not bool(keep.all()):

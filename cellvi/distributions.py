@@ -83,7 +83,30 @@ def nonzeros_of(x: torch.Tensor) -> NonZeros:
 def _per_cell(n_cells: int, rows: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
     """Sums of ``terms`` ``(..., nnz)`` per cell: ``(..., n_cells)``."""
     out = torch.zeros(*terms.shape[:-1], n_cells, dtype=terms.dtype, device=terms.device)
+    if terms.dim() == 1:
+        return out.scatter_add_(0, rows, terms)
     return out.index_add(-1, rows, terms)
+
+
+# Entries (rows, cols) of a contiguous 2-D block through one flat index: ``index_select`` and
+# ``scatter_add_`` on the flattened block take 0.09 and 0.12 ms for the 112k non-zeros of a
+# 512 x 2,000 block, against 0.62 ms for ``block[rows, cols]`` and 0.58 ms for
+# ``index_put_(..., accumulate=True)`` (one thread).
+def _flat(rows: torch.Tensor, cols: torch.Tensor, width: int) -> torch.Tensor:
+    """Positions of the entries ``(rows, cols)`` in a flattened block ``width`` columns wide."""
+    return rows * width + cols
+
+
+def _take(block: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``block[rows, cols]`` of a 2-D block, from :func:`_flat`'s positions."""
+    return block.reshape(-1).index_select(0, flat)
+
+
+def _add_at_(block: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``block[rows, cols] += values`` in place on a contiguous 2-D block, a repeated entry
+    adding up (``index_put_(..., accumulate=True)``)."""
+    block.view(-1).scatter_add_(0, flat, values)
+    return block
 
 
 def _is_per_gene(param: torch.Tensor) -> bool:
@@ -95,8 +118,10 @@ def _gather(param: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torc
     """Entries (rows, cols) of a per-gene ``(G,)``/``(..., 1, G)`` or per-cell ``(..., B, G)``
     tensor, leading sample dimensions kept: ``(..., nnz)``."""
     if not _is_per_gene(param):
+        if param.dim() == 2:
+            return _take(param, _flat(rows, cols, param.shape[1]))
         return param[..., rows, cols]
-    return param[cols] if param.dim() == 1 else param[..., 0, cols]
+    return param.index_select(0, cols) if param.dim() == 1 else param[..., 0, cols]
 
 
 def _nb_lgamma_nz(v: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor,
@@ -157,31 +182,31 @@ class _NBCells(torch.autograd.Function):
         s = log_mu - torch.log(th)
         sp = F.softplus(s)
         dense = -(sp @ th) if per_gene else -(sp * th).sum(-1)
-        s_nz = s[rows, cols]
-        out = dense.index_add(0, rows, v * F.logsigmoid(s_nz))
+        flat = _flat(rows, cols, s.shape[1])
+        s_nz = _take(s, flat)
+        out = dense.scatter_add_(0, rows, v * F.logsigmoid(s_nz))
         ctx.per_gene = per_gene
         ctx.theta_shape = theta.shape
-        ctx.save_for_backward(s, sp, th, rows, cols, v, s_nz)
+        ctx.save_for_backward(s, sp, th, rows, cols, v, s_nz, flat)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        s, sp, th, rows, cols, v, s_nz = ctx.saved_tensors
+        s, sp, th, rows, cols, v, s_nz, flat = ctx.saved_tensors
         sig = torch.sigmoid(s)
-        g_nz = grad[rows] * v * torch.sigmoid(-s_nz)  # d/ds of x log sigmoid(s), non-zeros
+        g_nz = grad.index_select(0, rows) * v * torch.sigmoid(-s_nz)  # d/ds of x log sigmoid(s)
         grad_theta = None
         if ctx.needs_input_grad[1]:  # ds/dtheta = -1/theta
             if ctx.per_gene:
                 gt = grad @ (sig - sp)
-                gt = gt.index_add(0, cols, -g_nz / th[cols])
+                gt = gt.scatter_add_(0, cols, -g_nz / th.index_select(0, cols))
             else:
                 gt = grad[:, None] * (sig - sp)
-                gt.index_put_((rows, cols), -g_nz / th[rows, cols], accumulate=True)
+                _add_at_(gt, flat, -g_nz / _take(th.contiguous(), flat))
             grad_theta = gt.sum_to_size(ctx.theta_shape) if not ctx.per_gene else gt.reshape(ctx.theta_shape)
         g_s = None
         if ctx.needs_input_grad[0]:
-            g_s = sig.mul_(th).mul_(-grad[:, None])
-            g_s.index_put_((rows, cols), g_nz, accumulate=True)
+            g_s = _add_at_(sig.mul_(th).mul_(-grad[:, None]), flat, g_nz)
         return g_s, grad_theta, None, None, None
 
 
@@ -207,27 +232,27 @@ class _SoftmaxNBCells(torch.autograd.Function):
         s = torch.sub(logits, (torch.logsumexp(logits, -1) - log_library)[:, None])
         s.sub_(torch.log(theta))
         sp = F.softplus(s)
-        s_nz = s[rows, cols]
-        out = (-(sp @ theta)).index_add(0, rows, v * F.logsigmoid(s_nz))
-        ctx.save_for_backward(s, sp, theta, log_library, rows, cols, v, s_nz)
+        flat = _flat(rows, cols, s.shape[1])
+        s_nz = _take(s, flat)
+        out = (-(sp @ theta)).scatter_add_(0, rows, v * F.logsigmoid(s_nz))
+        ctx.save_for_backward(s, sp, theta, log_library, rows, cols, v, s_nz, flat)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        s, sp, theta, log_library, rows, cols, v, s_nz = ctx.saved_tensors
+        s, sp, theta, log_library, rows, cols, v, s_nz, flat = ctx.saved_tensors
         sig = torch.sigmoid(s)
-        g_nz = grad[rows] * v * torch.sigmoid(-s_nz)  # d/ds of x log sigmoid(s), non-zeros
+        g_nz = grad.index_select(0, rows) * v * torch.sigmoid(-s_nz)  # d/ds of x log sigmoid(s)
         grad_theta = None
         if ctx.needs_input_grad[2]:  # ds/dtheta = -1/theta
-            grad_theta = (grad @ sig - grad @ sp).index_add(0, cols, -g_nz / theta[cols])
+            grad_theta = (grad @ sig - grad @ sp).scatter_add_(0, cols, -g_nz / theta.index_select(0, cols))
             grad_theta = grad_theta.reshape(ctx.theta_shape)
         g = None
         if ctx.needs_input_grad[0]:
-            g_sum = torch.zeros_like(grad).index_add_(0, rows, g_nz) - grad * (sig @ theta)
+            g_sum = torch.zeros_like(grad).scatter_add_(0, rows, g_nz) - grad * (sig @ theta)
             coef = (g_sum * torch.exp(-log_library))[:, None]
             # theta * (-grad sigmoid(s) - coef e^s), then the non-zeros' own terms
-            g = sig.mul_(-grad[:, None]).sub_(torch.exp(s).mul_(coef)).mul_(theta)
-            g.index_put_((rows, cols), g_nz, accumulate=True)
+            g = _add_at_(sig.mul_(-grad[:, None]).sub_(torch.exp(s).mul_(coef)).mul_(theta), flat, g_nz)
         return g, None, grad_theta, None, None, None
 
 

@@ -60,14 +60,13 @@ class _SparseLinear(torch.autograd.Function):
         rows, cols, values, weight = ctx.saved_tensors
         grad_values = grad_weight = None
         if ctx.needs_input_grad[2]:
-            grad_values = (grad[rows] * weight.t()[cols]).sum(-1)
+            grad_values = (grad.index_select(0, rows) * weight.t().index_select(0, cols)).sum(-1)
         if ctx.needs_input_grad[5]:
             n_in = weight.shape[1]
             if values.numel() > DENSE_GRADIENT_SHARE * ctx.n_rows * n_in:
-                # accumulate: a repeated (row, col) adds up, as in the forward's embedding_bag
-                dense = grad.new_zeros(ctx.n_rows, n_in).index_put_((rows, cols), values,
-                                                                    accumulate=True)
-                grad_weight = grad.t() @ dense
+                # scatter_add_: a repeated (row, col) adds up, as in the forward's embedding_bag
+                dense = grad.new_zeros(ctx.n_rows * n_in).scatter_add_(0, rows * n_in + cols, values)
+                grad_weight = grad.t() @ dense.view(ctx.n_rows, n_in)
             else:
                 coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, (ctx.n_rows, n_in),
                                               check_invariants=False)

@@ -21,6 +21,19 @@ def test_device_matrix_rows_match_dense():
     np.testing.assert_array_equal(dense.rows(idx).numpy(), X[idx.numpy()].toarray())
 
 
+def test_device_matrix_rows_add_up_a_repeated_csr_entry():
+    # a CSR matrix that stores (0, 1) twice, as scipy allows: its dense rows and its
+    # non-zeros (what the likelihood and the encoder use) both count it 3 + 4 = 7
+    X = sp.csr_matrix((np.array([3.0, 4.0, 2.0], np.float32), np.array([1, 1, 0]),
+                       np.array([0, 2, 3])), shape=(2, 3))
+    assert not X.has_canonical_format
+    out, (rows, cols, vals) = DeviceMatrix(X, torch.device("cpu")).rows(torch.tensor([0, 1]),
+                                                                          with_nonzeros=True)
+    np.testing.assert_array_equal(out.numpy(), X.toarray())
+    dense = np.zeros((2, 3), np.float32)
+    np.add.at(dense, (rows.numpy(), cols.numpy()), vals.numpy())
+    np.testing.assert_array_equal(dense, X.toarray())
+
 def test_device_data_batches_keep_rows_aligned():
     X = np.arange(20, dtype=np.float32).reshape(10, 2)
     data = DeviceData.from_arrays(X, torch.device("cpu"), covs=np.arange(10).reshape(-1, 1),

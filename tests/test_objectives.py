@@ -146,3 +146,21 @@ def test_batch_mmd_matches_kernel_means_and_sees_a_shift():
     zz = shifted.clone().requires_grad_(True)
     batch_mmd(zz, codes).backward()
     assert zz.grad.abs().sum() > 0
+
+
+def test_batch_mmd_of_a_large_batch_averages_interleaved_blocks():
+    from cellvi.objectives import batch_mmd
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.sort(torch.randint(0, 2, (1000, 1), generator=g), dim=0).values  # sorted by batch
+    z = torch.randn(1000, 3, generator=g) + 2.0 * (codes == 1).float()
+    got = float(batch_mmd(z, codes, block=256))  # 4 blocks: cells 0, 4, 8, ... then 1, 5, ...
+    blocks = [(z[i::4], codes[i::4]) for i in range(4)]
+    ref = sum(float(batch_mmd(zb, cb, block=256)) * len(zb) for zb, cb in blocks) / 1000
+    assert got == pytest.approx(ref, rel=1e-6)
+    # every block holds both batches although the cells are sorted, so the shift is seen
+    assert got > 0.5 * float(batch_mmd(z, codes, block=1000))
+    # at or below the block size it is the one-block statistic
+    zs, cs = z[::4][:256], codes[::4][:256]
+    one = float(batch_mmd(zs, cs, block=256))
+    assert one > 0.1 and one == pytest.approx(float(batch_mmd(zs, cs, block=10_000)), rel=1e-6)
