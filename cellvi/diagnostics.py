@@ -41,7 +41,7 @@ from .inference import elbo_per_cell, iwae_per_cell, refine
 
 __all__ = ["amortization_gap", "outlier_scores", "predictive_check", "calibration_report",
            "CalibrationReport", "expected_calibration_error", "match_clusters",
-           "doublet_scores"]
+           "doublet_scores", "robust_scores"]
 
 
 def amortization_gap(model, adata: AnnData, *, n_samples: int = 1000, refine_steps: int = 200,
@@ -106,7 +106,14 @@ def outlier_scores(model, adata: AnnData, *, n_samples: int | None = None, seed:
     """
     if n_samples is None:
         n_samples = getattr(model, "outlier_samples", 8)
-    neg = -model.elbo(adata, n_samples=n_samples, seed=seed, batch_size=batch_size).astype(np.float64)
+    return robust_scores(model, adata, model.elbo(adata, n_samples=n_samples, seed=seed,
+                                                  batch_size=batch_size))
+
+
+def robust_scores(model, adata: AnnData, elbo: np.ndarray) -> np.ndarray:
+    """:func:`outlier_scores` from per-cell ELBOs already computed (e.g. by
+    ``model.latent_and_elbo``): ``-elbo`` as robust z-scores within each batch category."""
+    neg = -np.asarray(elbo, dtype=np.float64)
     keys = as_batch_keys(model.settings["batch_keys"])
     groups = (adata.obs[keys[0]].astype(str).to_numpy() if keys
               else np.zeros(adata.n_obs, dtype=object))

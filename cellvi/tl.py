@@ -18,7 +18,7 @@ from anndata import AnnData
 from . import __version__
 from .clustering import group_medians
 from .data import check_writable, marker_matrix, select_markers
-from .diagnostics import outlier_scores
+from .diagnostics import outlier_scores, robust_scores
 from .errors import InvalidTypeError
 from .models import GMVAE, NBVAE
 from .models._base import TRAIN_KEYS
@@ -165,11 +165,15 @@ def nbvae(
     model = NBVAE(adata, layer=layer, batch_key=batch_key, n_latent=n_latent,
                   likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
-    out = model.transform(adata, refine_steps=refine_steps)
-    outlier = outlier_scores(model, adata, seed=seed)
+    if refine_steps:
+        latent = model.transform(adata, refine_steps=refine_steps).latent
+        outlier = outlier_scores(model, adata, seed=seed)
+    else:  # one pass for both (the same values as transform and outlier_scores)
+        latent, elbo = model.latent_and_elbo(adata, n_samples=model.outlier_samples, seed=seed)
+        outlier = robust_scores(model, adata, elbo)
     if copy:
         adata = adata.copy()
-    adata.obsm["X_" + name] = out.latent
+    adata.obsm["X_" + name] = latent
     adata.obs[name + "_outlier_score"] = outlier
     adata.uns[name] = _uns_safe(dict(
         settings=model.settings, train_settings=model.train_settings, history=model.history,

@@ -32,7 +32,7 @@ from .objectives import ELBO, LinearWarmup
 logger = logging.getLogger("cellvi")
 ADAM_EPS = 0.01  # as scvi-tools; damps steps of rarely-informed parameters
 
-__all__ = ["Callback", "TrainConfig", "TrainingDiverged", "default_max_epochs", "evaluate", "train"]
+__all__ = ["Callback", "LARGE_DATA_CELLS", "TrainConfig", "TrainingDiverged", "default_max_epochs", "evaluate", "train"]
 
 
 class TrainingDiverged(CellviError, FloatingPointError):
@@ -43,6 +43,12 @@ class TrainingDiverged(CellviError, FloatingPointError):
 #: this train on random subsets, so that budgets stay in steps and cells seen
 EPOCH_CELLS = 100_000
 
+#: the NB-VAE's budget in cells seen on data of 1M cells and more (:func:`default_max_epochs`,
+#: ``TrainConfig.large_data_cells``): on three 1M-cell sets the latent's label and batch
+#: scores after 2M cells seen matched those after 3.1M (the 6,000-step budget of smaller
+#: data) within seed noise (``benchmarks/results/nbvae_budget_curves.md``)
+LARGE_DATA_CELLS = 2_000_000
+
 
 def epoch_size(n_train: int, epoch_cells: int | None = EPOCH_CELLS) -> int:
     """Cells one epoch passes over: the training split, at most ``epoch_cells``."""
@@ -51,11 +57,27 @@ def epoch_size(n_train: int, epoch_cells: int | None = EPOCH_CELLS) -> int:
 
 def default_max_epochs(n_obs: int, batch_size: int = 512, target_steps: int = 6000,
                        bounds: tuple[int, int] = (10, 400),
-                       epoch_cells: int | None = EPOCH_CELLS) -> int:
+                       epoch_cells: int | None = EPOCH_CELLS,
+                       large_data_cells: int | None = None) -> int:
     """Epochs giving about ``target_steps`` optimiser steps, clipped to ``bounds``; an
-    epoch passes over the training split (90% of ``n_obs``), at most ``epoch_cells``."""
-    steps_per_epoch = max(1, math.ceil(epoch_size(math.ceil(0.9 * n_obs), epoch_cells) / batch_size))
-    return int(np.clip(round(target_steps / steps_per_epoch), *bounds))
+    epoch passes over the training split (90% of ``n_obs``), at most ``epoch_cells``.
+
+    With ``large_data_cells`` (the NB-VAE's :data:`LARGE_DATA_CELLS`), data whose training
+    split is larger than an epoch get a smaller budget in cells seen: from ``target_steps *
+    batch_size`` cells at one epoch's worth of training cells it falls log-linearly in the
+    training cells to at most ``large_data_cells`` from nine epochs' worth on (1M cells at
+    the default 100,000-cell epoch).
+    """
+    n_train = math.ceil(0.9 * n_obs)
+    n_epoch = epoch_size(n_train, epoch_cells)
+    steps_per_epoch = max(1, math.ceil(n_epoch / batch_size))
+    steps = float(target_steps)
+    if large_data_cells is not None and epoch_cells is not None and n_train > n_epoch:
+        share = min(1.0, math.log(n_train / n_epoch) / math.log(9.0))
+        cells = target_steps * batch_size
+        cells = cells ** (1.0 - share) * min(cells, large_data_cells) ** share
+        steps = cells / batch_size
+    return int(np.clip(round(steps / steps_per_epoch), *bounds))
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,7 @@ class TrainConfig:
     desc: str = "training"
     nan_retries: int = 3
     epoch_cells: int | None = EPOCH_CELLS
+    large_data_cells: int | None = None
 
     def __post_init__(self):
         if not self.kl_weight > 0:
@@ -119,6 +142,10 @@ class TrainConfig:
             raise InvalidInputError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.epoch_cells is not None and not (_is_int(self.epoch_cells) and self.epoch_cells >= 1):
             raise InvalidInputError(f"epoch_cells must be a positive integer or None, got {self.epoch_cells!r}")
+        if self.large_data_cells is not None and not (_is_int(self.large_data_cells)
+                                                      and self.large_data_cells >= 1):
+            raise InvalidInputError(f"large_data_cells must be a positive integer or None, got "
+                                    f"{self.large_data_cells!r}")
         if not (_is_int(self.nan_retries) and self.nan_retries >= 0):
             raise InvalidInputError(f"nan_retries must be a non-negative integer, got {self.nan_retries!r}")
 
@@ -234,7 +261,8 @@ def train(
     # Drop a last batch smaller than 3 cells (per process): BatchNorm cannot use it.
     steps_per_epoch = max(1, n_epoch // batch_size + (n_epoch % batch_size >= 3 * n_proc))
     max_epochs = cfg.max_epochs or default_max_epochs(data.n_obs, batch_size,
-                                                      epoch_cells=cfg.epoch_cells)
+                                                      epoch_cells=cfg.epoch_cells,
+                                                      large_data_cells=cfg.large_data_cells)
     schedule = objective.beta
     if schedule is None:  # the linear KL warm-up, by default a quarter of the steps (<= 2,000)
         warmup = cfg.kl_warmup_steps

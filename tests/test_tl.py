@@ -109,6 +109,21 @@ def test_return_model_combinations(small_adata):
     assert isinstance(out, ad.AnnData) and isinstance(m2, cellvi.models.NBVAE)
 
 
+def test_nbvae_writes_what_transform_and_outlier_scores_give(small_adata):
+    # tl.nbvae takes the latent and the outlier score in one pass over the data: the same
+    # values as the model's own transform and cellvi.diagnostics.outlier_scores
+    out, m = cellvi.tl.nbvae(small_adata, batch_key="batch", max_epochs=2, copy=True, seed=3,
+                             return_model=True, verbose=False)
+    np.testing.assert_allclose(out.obsm["X_nbvae"], m.transform(small_adata).latent, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(out.obs["nbvae_outlier_score"].to_numpy(),
+                               cellvi.diagnostics.outlier_scores(m, small_adata, seed=3),
+                               rtol=1e-5, atol=1e-5)
+    z, elbo = m.latent_and_elbo(small_adata, n_samples=4, seed=1)
+    np.testing.assert_allclose(elbo, m.elbo(small_adata, n_samples=4, seed=1), rtol=1e-6)
+    assert z.shape == (small_adata.n_obs, m.settings["n_latent"])
+    assert m.train_settings["large_data_cells"] == cellvi.train.LARGE_DATA_CELLS
+
 def test_same_seed_same_latent_and_global_rng_untouched(small_adata):
     np.random.seed(123)
     torch.manual_seed(123)

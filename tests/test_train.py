@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import cellvi
 from cellvi.device import DeviceData
 from cellvi.objectives import ELBO
 from cellvi.priors import StandardNormal
@@ -230,5 +231,26 @@ def test_epoch_cells_caps_the_cells_an_epoch_sees():
     assert default_max_epochs(1_000_000, 512) == default_max_epochs(111_112, 512) == 31
     assert default_max_epochs(1_000_000, 512, epoch_cells=None) == 10
     assert default_max_epochs(50_000, 512) == default_max_epochs(50_000, 512, epoch_cells=None)
+
+
+def test_large_data_budget_falls_to_its_cells_seen_from_1m_cells():
+    from cellvi.train import LARGE_DATA_CELLS, default_max_epochs
+
+    def budget(n, **kw):
+        return default_max_epochs(n, 512, large_data_cells=LARGE_DATA_CELLS, **kw)
+
+    # up to one epoch's worth of training cells: the 6,000 steps as before
+    for n in (1_000, 50_000, 111_112):
+        assert budget(n) == default_max_epochs(n, 512)
+    # from 1M cells on: 2M cells seen, 20 epochs of 100,000 cells (3,920 steps)
+    assert budget(1_000_000) == budget(5_000_000) == 20
+    # in between it falls monotonically
+    mid = [budget(n) for n in (150_000, 300_000, 600_000, 900_000)]
+    assert 31 >= mid[0] >= mid[1] >= mid[2] >= mid[3] >= 20 and mid[0] > 20
+    # a budget above 6,000 steps' cells changes nothing; no epoch cap: no large-data regime
+    assert default_max_epochs(1_000_000, 512, large_data_cells=10**9) == 31
+    assert budget(1_000_000, epoch_cells=None) == default_max_epochs(1_000_000, 512, epoch_cells=None)
+    with pytest.raises(ValueError, match="large_data_cells"):
+        cellvi.train.TrainConfig(large_data_cells=0)
     with pytest.raises(ValueError, match="epoch_cells"):
         cellvi.train.TrainConfig(epoch_cells=0)

@@ -20,7 +20,7 @@ from ..metrics import batch_separation
 from ..objectives import ELBO
 from ..posteriors import POSTERIORS
 from ..priors import StandardNormal
-from ..train import train
+from ..train import LARGE_DATA_CELLS, train
 from ..vae import VAE
 from ._base import (
     Model,
@@ -222,7 +222,10 @@ class NBVAE(Model):
 
         Args:
             max_epochs: ``None`` picks about 6,000 steps (10..400 epochs); early stopping on a
-                10% validation split usually ends sooner.
+                10% validation split usually ends sooner. Above 111,111 cells (a training
+                split larger than one 100,000-cell epoch) the budget falls log-linearly to 2M
+                cells seen from 1M cells on (:data:`cellvi.train.LARGE_DATA_CELLS`; 20 epochs
+                of 100,000 cells at batch 512; ``large_data_cells=None`` keeps 6,000 steps).
             batch_size: cells per mini-batch.
             lr: Adam learning rate.
             kl_weight: weight β of the KL term after the KL warm-up (1, the default, gives
@@ -256,6 +259,7 @@ class NBVAE(Model):
             batch_penalty, separation = self._default_batch_penalty(self._require_data())
         objective = self._objective(objective, batch_penalty)
         _, data, seed = self._start_fit(seed, device)
+        train_kwargs.setdefault("large_data_cells", LARGE_DATA_CELLS)
         config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
                                     batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                                     **train_kwargs)
