@@ -114,7 +114,7 @@ def _at(run: dict, cells: int) -> dict | None:
 
 def _fmt(values) -> str:
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f})"
+    return f"{v.mean():.3f}" if len(v) == 1 else f"{v.mean():.3f} ({v.min():.3f} to {v.max():.3f})"
 
 
 def render(runs: list[dict]) -> str:

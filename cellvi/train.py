@@ -44,9 +44,10 @@ class TrainingDiverged(CellviError, FloatingPointError):
 EPOCH_CELLS = 100_000
 
 #: the NB-VAE's budget in cells seen on data of 1M cells and more (:func:`default_max_epochs`,
-#: ``TrainConfig.large_data_cells``): on three 1M-cell sets the latent's label and batch
-#: scores after 2M cells seen matched those after 3.1M (the 6,000-step budget of smaller
-#: data) within seed noise (``benchmarks/results/nbvae_budget_curves.md``)
+#: ``TrainConfig.large_data_cells``): on three real files upsampled to 1M cells, fits of 2M
+#: cells seen kept the latent's label scores of the 6,000-step budget (3.1M cells) and mixed
+#: the batches slightly less (batch entropy 0.003-0.012 lower;
+#: ``benchmarks/results/nbvae_budget_curves.md``), in two thirds of the time
 LARGE_DATA_CELLS = 2_000_000
 
 
