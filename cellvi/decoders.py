@@ -20,6 +20,7 @@ from .distributions import (
 )
 from .errors import InvalidInputError
 from .nn import MLP, CovariateEmbedding
+from .nn import addmm as nn_addmm
 
 __all__ = ["Decoder", "CountDecoder", "ContinuousDecoder", "LIKELIHOODS", "CONTINUOUS_LIKELIHOODS",
            "DISPERSIONS"]
@@ -110,7 +111,9 @@ class CountDecoder(Decoder):
             one_hot = torch.cat([F.one_hot(covs[:, i], n).to(h.dtype)
                                  for i, n in enumerate(offsets.n_cats_per_cov)], 1)
             weight = torch.cat([self.logits.weight.t(), *(e.weight for e in offsets.embeddings)])
-            return torch.addmm(self.logits.bias, torch.cat([h, one_hot], 1), weight)
+            return nn_addmm(self.logits.bias, torch.cat([h, one_hot], 1), weight)
+        if h.dim() == 2:
+            return nn_addmm(self.logits.bias, h, self.logits.weight.t()) + offsets(covs)
         return self.logits(h) + offsets(covs)
 
     def theta(self, covs: torch.Tensor | None) -> torch.Tensor:

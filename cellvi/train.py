@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from . import nn as nn_blocks
 from ._settings import seeded
 from .checkpoint import Checkpointer
 from .device import DeviceData
@@ -81,6 +82,19 @@ def default_max_epochs(n_obs: int, batch_size: int = 512, target_steps: int = 60
     return int(np.clip(round(steps / steps_per_epoch), *bounds))
 
 
+BACKWARD_PRECISIONS = ("auto", "bfloat16", "float32")
+
+
+def resolve_backward_precision(precision: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"bfloat16"`` on a CPU with hardware bfloat16 products, else ``"float32"``;
+    on any other device ``"float32"`` (the bfloat16 products are CPU-only)."""
+    if torch.device(device).type != "cpu":
+        return "float32"
+    if precision == "auto":
+        return "bfloat16" if nn_blocks.native_bf16_cpu() else "float32"
+    return precision
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Settings of one run of :func:`train`.
@@ -110,6 +124,14 @@ class TrainConfig:
             cadence) a budget in steps and cells seen, so the cost stops growing with the
             data; validation then uses a fixed random subset of at most ``epoch_cells // 9``
             held-out cells. Data below about ``epoch_cells / 0.9`` cells train as before.
+        large_data_cells: see :func:`default_max_epochs` (the NB-VAE sets it).
+        backward_precision: the operands of the large matrix products of the backward pass
+            (the count decoder's output layer and the sparse input layer's weight gradient):
+            ``"bfloat16"`` (float32 accumulation and results; the forward pass, the loss,
+            the weights and Adam stay float32), ``"float32"``, or ``"auto"`` (default):
+            bfloat16 on a CPU that multiplies it in hardware (:func:`cellvi.nn.native_bf16_cpu`),
+            float32 elsewhere (GPUs included). Applies during the optimiser steps only;
+            validation and every output are float32. ``docs/design.md`` has the measurements.
     """
 
     max_epochs: int | None = None
@@ -129,6 +151,7 @@ class TrainConfig:
     nan_retries: int = 3
     epoch_cells: int | None = EPOCH_CELLS
     large_data_cells: int | None = None
+    backward_precision: str = "auto"
 
     def __post_init__(self):
         if not self.kl_weight > 0:
@@ -147,6 +170,9 @@ class TrainConfig:
                                                       and self.large_data_cells >= 1):
             raise InvalidInputError(f"large_data_cells must be a positive integer or None, got "
                                     f"{self.large_data_cells!r}")
+        if self.backward_precision not in BACKWARD_PRECISIONS:
+            raise InvalidInputError(f"backward_precision must be one of {BACKWARD_PRECISIONS}, got "
+                                    f"{self.backward_precision!r}")
         if not (_is_int(self.nan_retries) and self.nan_retries >= 0):
             raise InvalidInputError(f"nan_retries must be a non-negative integer, got {self.nan_retries!r}")
 
@@ -290,10 +316,12 @@ def train(
         bar = tqdm(range(run["epoch"] + 1, max_epochs if not run["finished"] else 0),
                    desc=cfg.desc, disable=None if cfg.verbose and not rank else True,
                    leave=False)
+        bf16 = resolve_backward_precision(cfg.backward_precision, device) == "bfloat16"
         for epoch in bar:
-            train_terms = _epoch_with_rollback(module, data, train_idx, batch_size,
-                                               steps_per_epoch, objective, optimizer, schedule,
-                                               run, epoch, cfg, callbacks)
+            with nn_blocks.bf16_backward(bf16):
+                train_terms = _epoch_with_rollback(module, data, train_idx, batch_size,
+                                                   steps_per_epoch, objective, optimizer,
+                                                   schedule, run, epoch, cfg, callbacks)
             distributed.broadcast_module(module, buffers_only=True)
             for callback in callbacks:
                 callback.on_epoch_end(epoch, history)

@@ -111,3 +111,73 @@ def test_sparse_linear_repeated_entries_add_up(monkeypatch, share):
     torch.testing.assert_close(out, lin(dense))
     out.sum().backward()
     torch.testing.assert_close(lin.weight.grad, torch.ones(2, 2, dtype=torch.float64) @ dense)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_bf16_backward_addmm_keeps_the_forward_and_rounds_only_the_gradients():
+    import cellvi.nn as cnn
+
+    torch.manual_seed(0)
+    bias, x, w = torch.randn(300), torch.randn(64, 40), torch.randn(40, 300)
+    params = [t.clone().requires_grad_(True) for t in (bias, x, w)]
+    ref = [t.clone().requires_grad_(True) for t in (bias, x, w)]
+    g = torch.randn(64, 300)
+    with cnn.bf16_backward():
+        out = cnn.addmm(*params)
+    out_ref = torch.addmm(*ref)
+    assert torch.equal(out, out_ref)  # the forward is float32, bit for bit
+    (out * g).sum().backward()
+    (out_ref * g).sum().backward()
+    torch.testing.assert_close(params[0].grad, ref[0].grad)  # the bias gradient is a float32 sum
+    for p, r in zip(params[1:], ref[1:], strict=True):
+        assert 0 < _rel(p.grad, r.grad) < 1e-2  # bfloat16 operands: ~0.3% off, not exact
+    # outside the block (and for float64) the plain product, exact gradients
+    for dtype, block in ((torch.float32, False), (torch.float64, True)):
+        a = [t.to(dtype).clone().requires_grad_(True) for t in (bias, x, w)]
+        with cnn.bf16_backward(block):
+            (cnn.addmm(*a) * g.to(dtype)).sum().backward()
+        torch.testing.assert_close(a[2].grad, x.to(dtype).t() @ g.to(dtype))
+
+
+def test_bf16_backward_sparse_linear_weight_gradient(monkeypatch):
+    import cellvi.nn as cnn
+    from cellvi.distributions import nonzeros_of
+
+    monkeypatch.setattr(cnn, "DENSE_GRADIENT_SHARE", 0.0)  # the dense-product branch
+    torch.manual_seed(2)
+    x = torch.poisson(torch.rand(50, 80) * 2) * (torch.rand(50, 80) > 0.7)
+    rows, cols, vals = nonzeros_of(x)
+    lin = torch.nn.Linear(80, 30)
+    weights = torch.randn(50, 30)
+    with cnn.bf16_backward():
+        out = cnn.sparse_linear(cnn.SparseRows(rows, cols, vals, 50), lin)
+    (out * weights).sum().backward()
+    torch.testing.assert_close(out, lin(x))
+    exact = weights.t() @ x
+    assert 0 < _rel(lin.weight.grad, exact) < 1e-2
+
+
+def test_native_bf16_cpu_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    import cellvi.nn as cnn
+
+    real_open = builtins.open
+    for flags, want in (("fpu sse avx512f avx512_bf16", True), ("fpu amx_bf16", True),
+                        ("fpu sse avx2 avx512f", False)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(cnn.sys, "platform", "linux")
+        monkeypatch.setattr(builtins, "open",
+                            lambda f, *a, info=info, **k: real_open(info if f == "/proc/cpuinfo" else f, *a, **k))
+        cnn.native_bf16_cpu.cache_clear()
+        assert cnn.native_bf16_cpu() is want
+        monkeypatch.setattr(builtins, "open", real_open)
+    monkeypatch.setattr(cnn.sys, "platform", "darwin")
+    cnn.native_bf16_cpu.cache_clear()
+    assert cnn.native_bf16_cpu() is False
+    monkeypatch.undo()
+    cnn.native_bf16_cpu.cache_clear()

@@ -20,7 +20,7 @@ from ..metrics import batch_separation
 from ..objectives import ELBO
 from ..posteriors import POSTERIORS
 from ..priors import StandardNormal
-from ..train import LARGE_DATA_CELLS, train
+from ..train import LARGE_DATA_CELLS, resolve_backward_precision, train
 from ..vae import VAE
 from ._base import (
     Model,
@@ -270,7 +270,9 @@ class NBVAE(Model):
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
                          objective=repr(objective), batch_penalty=float(objective.batch_penalty),
-                         batch_separation=separation, **train_kwargs)
+                         batch_separation=separation,
+                         **{**train_kwargs, "backward_precision": resolve_backward_precision(
+                             config.backward_precision, self.device)})
         return self
 
     @staticmethod
