@@ -131,6 +131,8 @@ def time_tl(adata, truth, kwargs: dict) -> dict:
           f"{len(val)} epochs, ARI {ari:.3f}, peak RSS {peak:.0f} MiB", flush=True)
     return dict(tl_s=total, phases_s=phases, peak_rss_mib=peak, kmeans_ari=ari, epochs=len(val),
                 validation_elbo=val, best_validation_elbo=float(np.nanmax(val)),
+                train_settings={k: v for k, v in model.train_settings.items()
+                                if isinstance(v, (int, float, str, type(None)))},
                 outlier_finite=bool(np.isfinite(a.obs["nbvae_outlier_score"]).all()))
 
 

@@ -121,15 +121,25 @@ def _values(X) -> np.ndarray:
     return np.asarray(X).ravel()
 
 
+#: values checked at a time by :func:`check_finite` and :func:`check_count_values`: whole-array
+#: temporaries of a 1M-cell matrix (221M non-zeros) cost more in first-touch page faults than
+#: the checks themselves (3.4 s against 0.5 s in 1M-value chunks)
+CHECK_CHUNK = 1 << 20
+
+
+def _chunks(vals: np.ndarray):
+    for start in range(0, vals.size, CHECK_CHUNK):
+        yield vals[start:start + CHECK_CHUNK]
+
+
 def check_finite(X, where: str) -> None:
     vals = _values(X)
     if not np.issubdtype(vals.dtype, np.number):
         raise InvalidTypeError(f"{where} holds non-numeric values ({vals.dtype})")
-    bad = ~np.isfinite(vals)
-    if bad.any():
+    if not all(np.isfinite(c).all() for c in _chunks(vals)):
         raise InvalidInputError(
-            f"{where} contains {int(bad.sum())} NaN or infinite values; remove or impute "
-            "them before fitting"
+            f"{where} contains {int((~np.isfinite(vals)).sum())} NaN or infinite values; "
+            "remove or impute them before fitting"
         )
 
 
@@ -142,14 +152,14 @@ def check_counts(X, where: str) -> None:
 def check_count_values(X, where: str) -> None:
     """Non-negative integers (error otherwise, saying what to pass instead)."""
     vals = _values(X)
-    if (vals < 0).any():
+    if any((c < 0).any() for c in _chunks(vals)):
         raise InvalidInputError(
             f"{where} has negative values ({int((vals < 0).sum())}), but a count likelihood "
             "needs raw counts. If the raw counts are in a layer, pass layer='counts' (or its "
             "name); otherwise use likelihood='normal' models for continuous data."
         )
-    frac = vals != np.round(vals)
-    if frac.any():
+    if not all(np.array_equal(c, np.round(c)) for c in _chunks(vals)):
+        frac = vals != np.round(vals)
         hint = " the data look log-normalized (sc.pp.log1p)" if vals.max() < 20 else ""
         raise InvalidInputError(
             f"{where} has {int(frac.sum())} non-integer values:{hint or ' not raw counts'}. "

@@ -129,3 +129,21 @@ def test_dense_input_and_views_can_be_read(small_adata):
     assert isinstance(prepare_counts(dense).X, np.ndarray)
     view = small_adata[:100]
     assert prepare_counts(view, batch_key="batch").X.shape[0] == 100
+
+
+@pytest.mark.parametrize("bad, match", [(np.nan, "2 NaN or infinite"), (-1.0, r"negative values \(2\)"),
+                                        (0.5, "2 non-integer values")])
+def test_value_checks_look_past_the_first_chunk(monkeypatch, bad, match):
+    """The checks run chunk by chunk: a bad value in a later chunk is still found and
+    counted over the whole matrix."""
+    import cellvi.data as D
+
+    monkeypatch.setattr(D, "CHECK_CHUNK", 7)
+    X = sp.random(40, 30, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    X.data[:] = np.ceil(X.data * 5)
+    X.data[-1] = X.data[-9] = bad  # both past the first 7 stored values
+    adata = ad.AnnData(X)
+    with pytest.raises(ValueError, match=match):
+        prepare_counts(adata)
+    X.data[-1] = X.data[-9] = 2.0
+    prepare_counts(adata)  # clean again: no error

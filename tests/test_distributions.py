@@ -208,3 +208,26 @@ def test_softmax_nb_matches_pyro_with_gradients(theta_shape):
     if th.dim() == 1 or th.shape[0] == 1:
         assert torch.autograd.gradcheck(
             lambda a, t: _SoftmaxNBCells.apply(a, log_lib[:5], t, rows, cols, v), (lg, th))
+
+
+@pytest.mark.parametrize("theta_shape", [(40,), (1, 40)])
+@pytest.mark.parametrize("samples", [(), (3,)])
+def test_softmax_nb_inference_path_matches_pyro(theta_shape, samples):
+    """Without gradients the decoder's NB sums each cell's log-likelihood in place in the
+    log-softmax's output (leading sample dimensions kept): Pyro's GammaPoisson sums, and
+    the distribution's ``log_mu`` is not formed on the way."""
+    from cellvi.distributions import SoftmaxNegativeBinomial, nonzeros_of
+
+    x, _, theta, _ = _inputs(17, theta_shape=theta_shape)
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(*samples, 64, 40, generator=g, dtype=torch.float64) * 2
+    log_lib = torch.rand(64, 1, generator=g, dtype=torch.float64) * 4 + 3
+    d = SoftmaxNegativeBinomial(logits, log_lib, theta)
+    with torch.no_grad():
+        out = d.log_prob_cells(x, nonzeros_of(x))
+    assert d._log_mu is None
+    mu = torch.softmax(logits, -1) * log_lib.exp()
+    th = theta.expand_as(mu)
+    ref = pdist.GammaPoisson(th, th / mu).log_prob(x).sum(-1)
+    assert out.shape == (*samples, 64)
+    torch.testing.assert_close(out, ref)
