@@ -319,3 +319,21 @@ def test_the_default_batch_penalty_follows_the_batch_separation_and_is_recorded(
     on = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(
         max_epochs=1, batch_penalty=BATCH_PENALTY, verbose=False)
     assert on.train_settings["batch_penalty"] == BATCH_PENALTY == 100.0
+
+
+def test_the_default_batch_penalty_falls_with_the_number_of_cells(small_adata, monkeypatch):
+    import cellvi.models.nbvae as nbm
+    from cellvi.models.nbvae import default_batch_penalty
+
+    assert default_batch_penalty(300) == default_batch_penalty(1000) == 100.0
+    assert default_batch_penalty(11_000) == default_batch_penalty(2_000_000) == 30.0
+    mid = default_batch_penalty(int(round(1000 * 11 ** 0.5)))  # the geometric middle
+    assert abs(mid - (100 * 30) ** 0.5) < 0.1
+    sizes = [1000, 1500, 3300, 6000, 10_999]
+    values = [default_batch_penalty(n) for n in sizes]
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))  # falling
+    # fit uses it with the data's number of cells (bounds moved so that this small set sits between)
+    n = small_adata.n_obs
+    monkeypatch.setattr(nbm, "PENALTY_CELLS", (n // 2, n * 2))
+    m = cellvi.models.NBVAE(small_adata, batch_key="batch").fit(max_epochs=1, verbose=False)
+    assert m.train_settings["batch_penalty"] == pytest.approx((100 * 30) ** 0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,13 +36,33 @@ from ._persist import choice, flag, integer, number, text, texts
 
 logger = logging.getLogger("cellvi")
 
-__all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios", "BATCH_PENALTY", "SEPARATION_THRESHOLD"]
+__all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios", "default_batch_penalty", "BATCH_PENALTY",
+           "LARGE_BATCH_PENALTY", "PENALTY_CELLS", "SEPARATION_THRESHOLD"]
 
-#: the recommended weight of ``fit``'s latent batch penalty (``integration_panel_variants.md``:
-#: 100 was the setting at least the best peer on every panel set with every seed above the
-#: control; 1,000 over-corrects); not the default yet, see ``fit``
+#: the weight of ``fit``'s latent batch penalty on small data (``integration_panel_variants.md``:
+#: 100 was the setting at least the best peer on every ~1,000-cell panel set with every seed
+#: above the control; 1,000 over-corrects)
 BATCH_PENALTY = 100.0
-#: ``fit``'s default applies :data:`BATCH_PENALTY` when the raw counts' batches are at least
+#: the weight from ``PENALTY_CELLS[1]`` cells on: on the full-size (~11,000-cell) protocol sets
+#: 30 beat 100 on all three (``integration_panel_fullsize_mmd30*.md``), at 3,300 cells the two
+#: tied (``integration_panel_3k_mmd30_100.md``)
+LARGE_BATCH_PENALTY = 30.0
+#: ``default_batch_penalty`` is :data:`BATCH_PENALTY` up to the first number of cells,
+#: :data:`LARGE_BATCH_PENALTY` from the second on, and log-linear in both between
+PENALTY_CELLS = (1_000, 11_000)
+
+
+def default_batch_penalty(n_obs: int) -> float:
+    """``fit``'s penalty weight for ``n_obs`` cells whose batches lie apart: 100 up to 1,000
+    cells, 30 from 11,000 on, log-linear between (``docs/design.md``, NB-VAE batch penalty)."""
+    lo, hi = PENALTY_CELLS
+    if n_obs <= lo:
+        return BATCH_PENALTY
+    if n_obs >= hi:
+        return LARGE_BATCH_PENALTY
+    t = math.log(n_obs / lo) / math.log(hi / lo)
+    return float(BATCH_PENALTY ** (1.0 - t) * LARGE_BATCH_PENALTY ** t)
+#: ``fit``'s default applies :func:`default_batch_penalty` when the raw counts' batches are at least
 #: this far apart (:func:`cellvi.metrics.batch_separation`, the largest over the batch keys):
 #: the panel's protocol batches lie at 0.95-1.00, the Kang donor batches (where the penalty
 #: lowers the cell-type ARI) at 0.14-0.18 (``docs/design.md``, NB-VAE batch penalty)
@@ -244,8 +265,9 @@ class NBVAE(Model):
             batch_penalty: weight (nats per cell) of a penalty on the latent's dependence on
                 the batch (MMD between each batch's latent means and all of them, annealed
                 with the KL warm-up; :func:`cellvi.objectives.batch_mmd`). ``None``
-                (default): :data:`BATCH_PENALTY` (100) when the batches of the raw counts lie
-                apart (:func:`cellvi.metrics.batch_separation` at least
+                (default): :func:`default_batch_penalty` of the number of cells (100 up to
+                1,000 cells, 30 from 11,000 on, log-linear between) when the batches of the
+                raw counts lie apart (:func:`cellvi.metrics.batch_separation` at least
                 :data:`SEPARATION_THRESHOLD`, as between protocols), else ``0``; the
                 separation is logged and kept in ``train_settings["batch_separation"]``. The
                 penalty lifted every integration-panel set above the best peer, but on mild
@@ -290,7 +312,7 @@ class NBVAE(Model):
         if not seps:
             return 0.0, None
         separation = float(max(seps))
-        penalty = BATCH_PENALTY if separation >= SEPARATION_THRESHOLD else 0.0
+        penalty = default_batch_penalty(n) if separation >= SEPARATION_THRESHOLD else 0.0
         logger.info("batch separation of the raw counts %.3f (threshold %.2f): batch_penalty=%g",
                     separation, SEPARATION_THRESHOLD, penalty)
         return penalty, separation
