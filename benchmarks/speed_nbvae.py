@@ -401,7 +401,12 @@ def snapshot_cellvi(workdir: Path) -> dict:
     import shutil
 
     spec = importlib.util.find_spec("cellvi")
-    src = Path(next(iter(spec.submodule_search_locations)))
+    if spec is None or spec.origin is None:  # no package here, or only a namespace portion
+        # (an overlay venv that sees an editable install's package data but not its finder):
+        # take this checkout's package
+        src = Path(__file__).resolve().parents[1] / "cellvi"
+    else:
+        src = Path(spec.origin).parent
     dst = workdir / "snapshot"
     shutil.copytree(src, dst / "cellvi", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     digest = hashlib.sha256()
