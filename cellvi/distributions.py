@@ -356,10 +356,14 @@ class NegativeBinomial(_CountDistribution):
         ``s = log mu - log theta``, ``Σ_g [x s - (theta + x) softplus(s)]`` is
         ``-Σ_g theta softplus(s)`` (dense; a matrix product for per-gene ``theta``) plus
         ``Σ_nz x log sigmoid(s)`` over the non-zeros only."""
+        return self._cells_from_s(self.log_mu - torch.log(self.theta), n_cells, rows, cols, v)
+
+    def _cells_from_s(self, s: torch.Tensor, n_cells: int, rows, cols, v) -> torch.Tensor:
+        """The per-cell sum of :meth:`_log_prob_cells_inference` from ``s = log mu - log theta``
+        (overwritten: its softplus is taken in place)."""
         theta = self.theta
-        s = self.log_mu - torch.log(theta)
         s_nz = _gather(s, rows, cols)
-        sp = F.softplus(s)
+        sp = torch._C._nn.softplus(s, 1, 20, out=s)  # F.softplus, in place
         if theta.dim() == 1:
             dense = -(sp @ theta)
         elif theta.dim() == 2 and theta.shape[0] == 1:
@@ -411,12 +415,8 @@ class SoftmaxNegativeBinomial(NegativeBinomial):
         if (self._log_mu is not None or not (theta.dim() == 1 or (theta.dim() == 2 and theta.shape[0] == 1))
                 or torch.broadcast_shapes(self.logits.shape, self.log_library.shape) != self.logits.shape):
             return super()._log_prob_cells_inference(n_cells, rows, cols, v)
-        theta = theta.reshape(-1)
-        s = torch.log_softmax(self.logits, dim=-1).add_(self.log_library).sub_(torch.log(theta))
-        s_nz = _gather(s, rows, cols)
-        sp = torch._C._nn.softplus(s, 1, 20, out=s)  # F.softplus, in place
-        sparse = v * F.logsigmoid(s_nz) + _nb_lgamma_nz(v, theta, rows, cols)
-        return -(sp @ theta) + _per_cell(n_cells, rows, sparse)
+        s = torch.log_softmax(self.logits, dim=-1).add_(self.log_library)
+        return self._cells_from_s(s.sub_(torch.log(theta.reshape(-1))), n_cells, rows, cols, v)
 
     def log_prob_cells(self, value: torch.Tensor, nonzero: NonZeros | None = None) -> torch.Tensor:
         per_gene = self.theta.dim() == 1 or (self.theta.dim() == 2 and self.theta.shape[0] == 1)

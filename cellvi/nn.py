@@ -30,8 +30,8 @@ _BF16_BACKWARD = contextvars.ContextVar("cellvi_bf16_backward", default=False)
 
 @contextlib.contextmanager
 def bf16_backward(enabled: bool = True) -> Iterator[None]:
-    """Layers built in this block (and their backward passes) compute the gradients of their
-    large matrix products from bfloat16 operands, on the CPU only (``TrainConfig.
+    """Layers called in this block (in their later backward passes) compute the gradients of
+    their large matrix products from bfloat16 operands, on the CPU only (``TrainConfig.
     backward_precision``). Forward outputs, the loss and the optimiser state stay float32:
     the weight and input gradients carry a relative rounding error of about 0.3%."""
     token = _BF16_BACKWARD.set(bool(enabled))

@@ -50,6 +50,11 @@ LARGE_BATCH_PENALTY = 30.0
 #: ``default_batch_penalty`` is :data:`BATCH_PENALTY` up to the first number of cells,
 #: :data:`LARGE_BATCH_PENALTY` from the second on, and log-linear in both between
 PENALTY_CELLS = (1_000, 11_000)
+#: ``fit``'s default applies :func:`default_batch_penalty` when the raw counts' batches are at least
+#: this far apart (:func:`cellvi.metrics.batch_separation`, the largest over the batch keys):
+#: the panel's protocol batches lie at 0.95-1.00, the Kang donor batches (where the penalty
+#: lowers the cell-type ARI) at 0.14-0.18 (``docs/design.md``, NB-VAE batch penalty)
+SEPARATION_THRESHOLD = 0.5
 
 
 def default_batch_penalty(n_obs: int) -> float:
@@ -62,11 +67,6 @@ def default_batch_penalty(n_obs: int) -> float:
         return LARGE_BATCH_PENALTY
     t = math.log(n_obs / lo) / math.log(hi / lo)
     return float(BATCH_PENALTY ** (1.0 - t) * LARGE_BATCH_PENALTY ** t)
-#: ``fit``'s default applies :func:`default_batch_penalty` when the raw counts' batches are at least
-#: this far apart (:func:`cellvi.metrics.batch_separation`, the largest over the batch keys):
-#: the panel's protocol batches lie at 0.95-1.00, the Kang donor batches (where the penalty
-#: lowers the cell-type ARI) at 0.14-0.18 (``docs/design.md``, NB-VAE batch penalty)
-SEPARATION_THRESHOLD = 0.5
 
 
 def batch_log_ratios(data: CountData, pseudo: float = 1e-6) -> list[np.ndarray]:
