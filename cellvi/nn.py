@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import InvalidInputError
 
-__all__ = ["CovariateEmbedding", "MLP", "SparseRows", "bf16_backward", "native_bf16_cpu"]
+__all__ = ["CovariateEmbedding", "MLP", "SparseRows", "bf16_backward", "dense_linear", "native_bf16_cpu"]
 
 #: inside :func:`bf16_backward`: the large matrix products of the backward pass (the count
 #: decoder's output layer, the sparse input layer's weight gradient) take bfloat16 operands
@@ -93,6 +93,15 @@ def addmm(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     if _bf16_wanted(x):
         return _AddmmBf16Backward.apply(bias, x, weight)
     return torch.addmm(bias, x, weight)
+
+
+def dense_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)`` (any leading dimensions); inside :func:`bf16_backward` its gradients come
+    from bfloat16 products (:func:`addmm`), the forward value is the same float32."""
+    if layer.bias is None or not _bf16_wanted(x):
+        return layer(x)
+    out = _AddmmBf16Backward.apply(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t())
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class SparseRows(NamedTuple):
@@ -229,7 +238,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor | SparseRows, covs: torch.Tensor | None = None) -> torch.Tensor:
         for linear, cov, norm in zip(self.linears, self.covariates, self.norms, strict=True):
-            h = (sparse_linear(x, linear) if isinstance(x, SparseRows) else linear(x)) + cov(covs)
+            h = sparse_linear(x, linear) if isinstance(x, SparseRows) else dense_linear(x, linear)
+            shift = cov(covs)
+            if isinstance(shift, torch.Tensor):  # (no covariates: 0, nothing to add)
+                h = h + shift
             if isinstance(norm, nn.BatchNorm1d) and h.dim() > 2:
                 h = norm(h.reshape(-1, h.shape[-1])).reshape(h.shape)
             else:

@@ -22,7 +22,7 @@ from torch.distributions import (
 )
 from torch.distributions.transforms import Transform
 
-from .nn import MLP
+from .nn import MLP, dense_linear
 
 __all__ = ["Encoder", "GaussianEncoder", "IAFEncoder", "FlowPosterior", "POSTERIORS",
            "shared_noise_draws"]
@@ -82,8 +82,8 @@ class GaussianEncoder(Encoder):
         return self._base(self.trunk(x, covs))
 
     def _base(self, h: torch.Tensor) -> Independent:
-        scale = F.softplus(self.raw_scale(h)) + self.min_scale
-        return Independent(Normal(self.loc(h), scale), 1)
+        scale = F.softplus(dense_linear(h, self.raw_scale)) + self.min_scale
+        return Independent(Normal(dense_linear(h, self.loc), scale), 1)
 
 
 class _MADE(nn.Module):

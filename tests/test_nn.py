@@ -142,6 +142,30 @@ def test_bf16_backward_addmm_keeps_the_forward_and_rounds_only_the_gradients():
         torch.testing.assert_close(a[2].grad, x.to(dtype).t() @ g.to(dtype))
 
 
+def test_dense_linear_in_bf16_backward_matches_the_layer_forward_and_its_gradients():
+    """The MLP's and the heads' layers (any leading dimensions, as for sampled latents)."""
+    import cellvi.nn as cnn
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 128)
+    x = torch.randn(3, 50, 48, requires_grad=True)
+    g = torch.randn(3, 50, 128)
+    with cnn.bf16_backward():
+        out = cnn.dense_linear(x, layer)
+    assert out.shape == (3, 50, 128) and torch.equal(out, layer(x))  # float32 forward, bit for bit
+    (out * g).sum().backward()
+    grads = [x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()]
+    x.grad = None
+    layer.zero_grad()
+    (layer(x) * g).sum().backward()
+    for got, ref in zip(grads[:2], (x.grad, layer.weight.grad), strict=True):
+        assert 0 < _rel(got, ref) < 1e-2  # bfloat16 operands
+    torch.testing.assert_close(grads[2], layer.bias.grad)
+    no_bias = torch.nn.Linear(48, 8, bias=False)  # falls back to the layer itself
+    with cnn.bf16_backward():
+        torch.testing.assert_close(cnn.dense_linear(x, no_bias), no_bias(x))
+
+
 def test_bf16_backward_sparse_linear_weight_gradient(monkeypatch):
     import cellvi.nn as cnn
     from cellvi.distributions import nonzeros_of
