@@ -16,9 +16,14 @@ each resampled with replacement to 1,000,000 events with N(0, 0.02) jitter, exac
 (``benchmarks/cytometry.py``). One thread per method, methods run one after another in one
 process. Output: ``benchmarks/results/gmvae_floors_1m.{md,jsonl}``.
 
+``--configs`` replaces the two cellvi arms by named ``tl.gmvae`` keyword sets (JSON; a
+``schedule`` entry is a dict of ``GMVAESchedule`` fields), ``--stem`` names the output files.
+
 Usage::
 
     python benchmarks/gmvae_floors_1m.py --data flowsom spectre --seeds 0 1 2
+    python benchmarks/gmvae_floors_1m.py --stem gmvae_batch_1m \
+        --configs '{"batch 512": {}, "batch 1024": {"batch_size": 1024}}'
 """
 
 from __future__ import annotations
@@ -64,21 +69,26 @@ def run(args) -> list[dict]:
     from cellvi.models import GMVAESchedule
 
     cytometry.warm_up_torch()
-    no_floors = GMVAESchedule(warmup_epochs=(1, 60), mixture_epochs=(1, 300), tune_min_epochs=1)
+    configs = json.loads(args.configs) if args.configs else {
+        "default": {}, "no floors": dict(schedule=dict(warmup_epochs=(1, 60), mixture_epochs=(1, 300),
+                                                       tune_min_epochs=1))}
     records = []
-    out = Path(args.out) / "gmvae_floors_1m.jsonl"
+    out = Path(args.out) / f"{args.stem}.jsonl"
     for name in args.data:
         d = resampled(name)
         for seed in args.seeds:
-            for config in ("FlowSOM", "default", "no floors"):
+            for config in ["FlowSOM", *configs]:
                 if config == "FlowSOM":
-                    if name != "flowsom" and not args.flowsom_all:
+                    if args.no_flowsom or (name != "flowsom" and not args.flowsom_all):
                         continue
                     labels, secs, _ = cytometry.run_flowsom(d, seed, ["default"], {})["default"]
                     epochs = None
                 else:
                     a = cytometry.make_adata(d)
-                    kw = {} if config == "default" else dict(schedule=no_floors)
+                    kw = dict(configs[config])
+                    if "schedule" in kw:
+                        kw["schedule"] = GMVAESchedule(**{k: tuple(v) if isinstance(v, list) else v
+                                                          for k, v in kw["schedule"].items()})
                     t0 = time.perf_counter()
                     cellvi.tl.gmvae(a, seed=seed, verbose=False, **kw)
                     secs = time.perf_counter() - t0
@@ -118,6 +128,10 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=["flowsom", "spectre"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--flowsom-all", action="store_true", help="FlowSOM on every dataset")
+    p.add_argument("--configs", help="JSON: {name: tl.gmvae keyword arguments} (default: the "
+                   "default schedule and the one without epoch floors)")
+    p.add_argument("--stem", default="gmvae_floors_1m", help="output file names")
+    p.add_argument("--no-flowsom", action="store_true", help="leave FlowSOM out")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--render", metavar="JSONL", help="only write the markdown from a jsonl file")
     args = p.parse_args()
@@ -126,11 +140,13 @@ def main() -> None:
         records = [json.loads(line) for line in open(args.render)]
     else:
         records = run(args)
-    header = ("# GMVAE at 1M resampled events: default schedule vs no epoch floors\n\n"
+    title = ("default schedule vs no epoch floors" if args.stem == "gmvae_floors_1m"
+             else ", ".join(dict.fromkeys(r["config"] for r in records)))
+    header = (f"# GMVAE at 1M resampled events: {title}\n\n"
               f"`python benchmarks/gmvae_floors_1m.py` ({platform.platform()}, one thread per "
               "method, 2-core machine shared with other jobs). Docstring of the script for the "
               "protocol.")
-    (Path(args.out) / "gmvae_floors_1m.md").write_text(render(records, header))
+    (Path(args.out) / f"{args.stem}.md").write_text(render(records, header))
 
 
 if __name__ == "__main__":
