@@ -19,7 +19,7 @@ from .distributions import (
     ZeroInflatedNegativeBinomial,
 )
 from .errors import InvalidInputError
-from .nn import MLP, CovariateEmbedding, dense_linear
+from .nn import MLP, CovariateEmbedding, dense_heads
 from .nn import addmm as nn_addmm
 
 __all__ = ["Decoder", "CountDecoder", "ContinuousDecoder", "LIKELIHOODS", "CONTINUOUS_LIKELIHOODS",
@@ -189,8 +189,10 @@ class ContinuousDecoder(Decoder):
     def forward(self, z: torch.Tensor, covs: torch.Tensor | None = None,
                 log_library: torch.Tensor | None = None) -> Factorized:
         h = self.trunk(z, covs)
-        loc = dense_linear(h, self.loc) + self.batch_offset(covs)
-        scale = F.softplus(dense_linear(h, self.raw_scale)) + self.min_scale
+        loc, raw_scale = dense_heads(h, (self.loc, self.raw_scale))
+        loc = loc + self.batch_offset(covs)
+        scale = F.softplus(raw_scale) + self.min_scale
         if self.likelihood == "studentt":
-            return Factorized(StudentT(1.0 + self.log_df.exp(), loc, scale), 1)
-        return Factorized(Normal(loc, scale), 1)
+            return Factorized(StudentT(1.0 + self.log_df.exp(), loc, scale, validate_args=False), 1,
+                              validate_args=False)
+        return Factorized(Normal(loc, scale, validate_args=False), 1, validate_args=False)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import InvalidInputError
 
-__all__ = ["CovariateEmbedding", "MLP", "SparseRows", "bf16_backward", "dense_linear", "native_bf16_cpu"]
+__all__ = ["CovariateEmbedding", "MLP", "SparseRows", "bf16_backward", "dense_heads", "dense_linear", "native_bf16_cpu"]
 
 #: inside :func:`bf16_backward`: the large matrix products of the backward pass (the count
 #: decoder's output layer, the sparse input layer's weight gradient) take bfloat16 operands
@@ -102,6 +102,22 @@ def dense_linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
         return layer(x)
     out = _AddmmBf16Backward.apply(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t())
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def dense_heads(x: torch.Tensor, layers: Sequence[nn.Linear]) -> list[torch.Tensor]:
+    """``[layer(x) for layer in layers]`` from one product with the layers' weights stacked
+    (two 128 -> 10 heads of 8,192 rows: 0.64 ms against 2 x 0.54 ms, one thread); bfloat16
+    gradients inside :func:`bf16_backward` as :func:`dense_linear`."""
+    if any(layer.bias is None for layer in layers):
+        return [layer(x) for layer in layers]
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = torch.cat([layer.bias for layer in layers])
+    flat = x.reshape(-1, x.shape[-1])
+    out = (_AddmmBf16Backward.apply(bias, flat, weight.t()) if _bf16_wanted(x)
+           else F.linear(flat, weight, bias))
+    sizes = [layer.out_features for layer in layers]
+    # contiguous copies: elementwise ops on the strided column blocks ran ~8x slower
+    return [o.contiguous().reshape(*x.shape[:-1], o.shape[-1]) for o in out.split(sizes, dim=-1)]
 
 
 class SparseRows(NamedTuple):

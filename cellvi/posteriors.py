@@ -22,7 +22,7 @@ from torch.distributions import (
 )
 from torch.distributions.transforms import Transform
 
-from .nn import MLP, dense_linear
+from .nn import MLP, dense_heads
 
 __all__ = ["Encoder", "GaussianEncoder", "IAFEncoder", "FlowPosterior", "POSTERIORS",
            "shared_noise_draws"]
@@ -82,8 +82,11 @@ class GaussianEncoder(Encoder):
         return self._base(self.trunk(x, covs))
 
     def _base(self, h: torch.Tensor) -> Independent:
-        scale = F.softplus(dense_linear(h, self.raw_scale)) + self.min_scale
-        return Independent(Normal(dense_linear(h, self.loc), scale), 1)
+        loc, raw_scale = dense_heads(h, (self.loc, self.raw_scale))
+        # no argument checks: the scale is positive by construction, and a NaN from a bad
+        # step reaches the loss, where training rolls back (a check would raise instead)
+        scale = F.softplus(raw_scale) + self.min_scale
+        return Independent(Normal(loc, scale, validate_args=False), 1, validate_args=False)
 
 
 class _MADE(nn.Module):

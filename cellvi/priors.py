@@ -55,7 +55,7 @@ class StandardNormal(Prior):
         self.register_buffer("scale", torch.ones(n_latent))
 
     def forward(self) -> Independent:
-        return Independent(Normal(self.loc, self.scale), 1)
+        return Independent(Normal(self.loc, self.scale, validate_args=False), 1, validate_args=False)
 
 
 class GaussianMixture(Distribution):
@@ -76,10 +76,18 @@ class GaussianMixture(Distribution):
         super().__init__(torch.Size(), torch.Size(loc.shape[-1:]), validate_args=validate_args)
 
     def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """``log N(z; μ_c, σ_c²)`` for every component: shape ``(*z.shape[:-1], K)``.
+        """``log N(z; μ_c, σ_c²)`` for every component: shape ``(*z.shape[:-1], K)`` (a view of
+        :meth:`_component_log_prob_first`)."""
+        return self._component_log_prob_first(z).movedim(0, -1)
+
+    def _component_log_prob_first(self, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`component_log_prob` with the components first, ``(K, *z.shape[:-1])``: the
+        sums and maxima over a few components then run along contiguous rows of cells (a
+        softmax over 8 components of 16 x 1,024 cells took 80 µs this way, 1.8 ms with the
+        components last).
 
         The Mahalanobis term ``Σ_d (z_d - μ_cd)² / σ_cd²`` is expanded into two matrix
-        products, ``z² · (1/σ²)ᵀ - 2 z · (μ/σ²)ᵀ + Σ_d μ_cd²/σ_cd²``, instead of forming the
+        products, ``(1/σ²) · z²ᵀ - 2 (μ/σ²) · zᵀ + Σ_d μ_cd²/σ_cd²``, instead of forming the
         ``(cells, K, D)`` differences: on the CPU that was a fifth of a GMVAE training step.
         The products run in float64 (MPS has none: float32 there), so the cancellation
         between the terms costs nothing measurable (tests compare with ``MixtureSameFamily``
@@ -88,21 +96,27 @@ class GaussianMixture(Distribution):
         wide = z.dtype if z.device.type == "mps" else torch.float64
         prec = self.scale.to(wide).pow(-2)  # (K, D)
         loc = self.loc.to(wide)
-        zd = z.to(wide)
-        maha = (zd * zd) @ prec.T - 2.0 * (zd @ (loc * prec).T) + (loc * loc * prec).sum(-1)
-        log_norm = 0.5 * prec.log().sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
-        return (log_norm - 0.5 * maha.clamp_min(0.0)).to(z.dtype)
+        zd = z.reshape(-1, z.shape[-1]).to(wide).T  # (D, cells)
+        maha = prec @ (zd * zd) - 2.0 * ((loc * prec) @ zd) + (loc * loc * prec).sum(-1, keepdim=True)
+        log_norm = 0.5 * prec.log().sum(-1, keepdim=True) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+        out = (log_norm - 0.5 * maha.clamp_min(0.0)).to(z.dtype)
+        return out.reshape(-1, *z.shape[:-1])
+
+    def _joint_first(self, z: torch.Tensor) -> torch.Tensor:
+        """``log π_c + log N(z; μ_c, σ_c²)`` with the components first."""
+        comp = self._component_log_prob_first(z)
+        return comp + self.log_weights.reshape(-1, *([1] * (comp.dim() - 1)))
 
     def joint_log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """``log π_c + log N(z; μ_c, σ_c²)``, shape ``(..., K)``."""
-        return self.log_weights + self.component_log_prob(z)
+        return self._joint_first(z).movedim(0, -1)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.logsumexp(self.joint_log_prob(z), dim=-1)
+        return torch.logsumexp(self._joint_first(z), dim=0)
 
     def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
-        """``p(c | z)``, shape ``(..., K)`` (rows sum to one)."""
-        return torch.softmax(self.joint_log_prob(z), dim=-1)
+        """``p(c | z)``, shape ``(..., K)`` (rows sum to one; a view, components innermost)."""
+        return torch.softmax(self._joint_first(z), dim=0).movedim(0, -1)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -165,17 +179,29 @@ class MixturePrior(Prior):
         return int(self.active.sum())
 
     def forward(self) -> GaussianMixture:
-        return GaussianMixture(self.log_weights, self.loc, self.scale)
+        """``p(z)`` over the active components only (switched-off ones have weight zero and
+        are not computed: after pruning, discovery keeps a few of its 30 components)."""
+        idx = self._active_index()
+        if len(idx) == self.n_components:
+            return GaussianMixture(self.log_weights, self.loc, self.scale)
+        return GaussianMixture(self.log_weights[idx], self.loc[idx], self.scale[idx])
+
+    def _active_index(self) -> torch.Tensor:
+        """Indices of the active components, recomputed only when ``active`` changed (its
+        storage or in-place version), so that a training step does not wait on the device."""
+        key = (self.active.data_ptr(), self.active._version, self.active.device)
+        if getattr(self, "_index_key", None) != key:
+            self._index = torch.nonzero(self.active).flatten()
+            self._index_key = key
+        return self._index
 
     def responsibilities(self, z: torch.Tensor) -> torch.Tensor:
-        """Cluster posterior ``p(c | z)``, shape ``(..., K)``; switched-off columns are 0
-        (and not computed: after pruning, discovery keeps a few of its 30 components)."""
-        idx = torch.nonzero(self.active).flatten()
+        """Cluster posterior ``p(c | z)``, shape ``(..., K)``; switched-off columns are 0."""
+        idx = self._active_index()
         if len(idx) == self.n_components:
             return self().responsibilities(z)
-        active = GaussianMixture(self.log_weights[idx], self.loc[idx], self.scale[idx])
         out = z.new_zeros(*z.shape[:-1], self.n_components)
-        return out.index_copy_(-1, idx, active.responsibilities(z))
+        return out.index_copy_(-1, idx, self().responsibilities(z))
 
     def log_hyperprior(self, n_obs: int) -> torch.Tensor:
         """The sparse Dirichlet on ``π`` (:meth:`log_prior_weights`)."""

@@ -274,12 +274,16 @@ def gmvae(
     model = GMVAE(adata, layer=layer, batch_key=batch_key, n_components=n_components,
                   n_latent=n_latent, likelihood=likelihood, **model_settings)
     model.fit(max_epochs=max_epochs, seed=seed, device=device, verbose=verbose, **fit_settings)
-    out = model.transform(adata, refine_steps=refine_steps)
+    if refine_steps:
+        out = model.transform(adata, refine_steps=refine_steps)
+        outlier = outlier_scores(model, adata, seed=seed)
+    else:  # one pass for both (the same values as transform and outlier_scores)
+        out, elbo = model.transform_and_elbo(adata, seed=seed)
+        outlier = robust_scores(model, adata, elbo)
     labels = out.labels
     X = marker_matrix(adata, layer, select_markers(adata, model.var_names))
     medians = pd.DataFrame(group_medians(X, labels.codes, len(labels.categories)),
                            index=list(labels.categories), columns=model.var_names)
-    outlier = outlier_scores(model, adata, seed=seed)
     if copy:
         adata = adata.copy()
     adata.obs[name] = pd.Categorical(labels, categories=labels.categories)

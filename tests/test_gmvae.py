@@ -277,6 +277,25 @@ def test_transform_gives_latent_labels_and_probs_of_any_sample(tiny):
     np.testing.assert_array_equal(out.latent, model.get_latent(tiny))
     labels, probs = model.predict(tiny)
     np.testing.assert_array_equal(probs, out.probs)
+    # one pass for both (what tl.gmvae writes): the same values as transform and elbo
+    both, elbo = model.transform_and_elbo(tiny, n_samples=5, elbo_samples=3, seed=2)
+    ref = model.transform(tiny, n_samples=5, seed=2)
+    np.testing.assert_allclose(both.probs, ref.probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(both.latent, ref.latent)
+    np.testing.assert_allclose(elbo, model.elbo(tiny, n_samples=3, seed=2), rtol=1e-6)
+    assert not np.allclose(elbo, model.elbo(tiny, n_samples=3, seed=3), rtol=1e-3)
+    with pytest.raises(ValueError, match="elbo_samples must be a positive integer"):
+        model.transform_and_elbo(tiny, elbo_samples=0)
+
+
+def test_tl_gmvae_writes_what_transform_and_outlier_scores_give(cyto, discovered):
+    out, model = discovered
+    ref = model.transform(cyto)
+    np.testing.assert_allclose(out.obsm["gmvae_probs"], ref.probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.obsm["X_gmvae"], ref.latent, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.obs["gmvae_outlier_score"].to_numpy(),
+                               cellvi.diagnostics.outlier_scores(model, cyto, seed=0),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -205,3 +205,24 @@ def test_native_bf16_cpu_reads_the_cpu_flags(monkeypatch, tmp_path):
     assert cnn.native_bf16_cpu() is False
     monkeypatch.undo()
     cnn.native_bf16_cpu.cache_clear()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_dense_heads_equal_the_layers_one_by_one(bf16):
+    import cellvi.nn as cnn
+
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(32, 10), torch.nn.Linear(32, 7)]
+    x = torch.randn(4, 25, 32, requires_grad=True)
+    with cnn.bf16_backward(bf16):
+        outs = cnn.dense_heads(x, heads)
+    refs = [h(x) for h in heads]
+    for o, r in zip(outs, refs, strict=True):
+        assert o.shape == r.shape
+        torch.testing.assert_close(o, r)
+    g = [torch.randn_like(r) for r in refs]
+    wrt = [x, heads[0].weight, heads[1].bias]
+    got = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(outs, g, strict=True)), wrt)
+    ref = torch.autograd.grad(sum((r * gi).sum() for r, gi in zip(refs, g, strict=True)), wrt)
+    for a, b in zip(got, ref, strict=True):
+        assert _rel(a, b) < (1e-2 if bf16 else 1e-6)

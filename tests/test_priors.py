@@ -162,3 +162,27 @@ def test_responsibilities_after_pruning_match_the_full_mixture():
     assert r.shape == (3, 50, 6) and torch.all(r[..., [1, 4]] == 0)
     torch.testing.assert_close(r, full)
     torch.testing.assert_close(r.sum(-1), torch.ones(3, 50))
+
+
+def test_pruned_components_are_left_out_of_log_prob_with_the_same_values_and_gradients():
+    """``prior()`` keeps the active components only; ``log p(z)``, its gradients (zero for
+    switched-off components) and a later change of ``active`` agree with the full mixture."""
+    prior = _mixture(k=6, d=3)
+    z = torch.randn(4, 30, 3, dtype=torch.float64)
+    with torch.no_grad():
+        prior.active[[1, 4]] = False
+    assert prior().loc.shape == (4, 3)
+    out = prior().log_prob(z).sum()
+    ref = _reference(prior).log_prob(z).sum()
+    grads = torch.autograd.grad(out, [prior.logits, prior.loc, prior.raw_scale])
+    refs = torch.autograd.grad(ref, [prior.logits, prior.loc, prior.raw_scale])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, refs, strict=True):
+        torch.testing.assert_close(g, r)
+    assert torch.all(grads[1][[1, 4]] == 0)
+    with torch.no_grad():  # in place, as pruning and merging do: the cached index follows
+        prior.active[0] = False
+    assert prior().loc.shape == (3, 3)
+    torch.testing.assert_close(prior().log_prob(z), _reference(prior).log_prob(z))
+    prior.load_state_dict({**prior.state_dict(), "active": torch.ones(6, dtype=torch.bool)})
+    assert prior().loc.shape == (6, 3)
