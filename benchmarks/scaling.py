@@ -36,8 +36,9 @@ preparation, imports and the numba/torch warm-up are outside), the process CPU s
 same window (CPU / wall < 1 means another process took the core), peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``, read right after the method, before scoring) and the
 RSS before the method. The cellvi children also time the phases of the call by wrapping
-(without changing) ``GMVAE``/``NBVAE`` ``__init__``, ``fit`` and ``transform``,
-``cellvi.tl.outlier_scores``, ``cellvi.tl.group_medians``, the GMVAE phases (``warm_up``,
+(without changing) ``GMVAE``/``NBVAE`` ``__init__``, ``fit`` and ``transform`` (the GMVAE's
+``transform_and_elbo`` counts as *transform*), ``cellvi.tl.outlier_scores`` (and
+``robust_scores``), ``cellvi.tl.group_medians``, the GMVAE phases (``warm_up``,
 ``initialise``, ``fit_mixture``, ``merge_and_tune``), every ``cellvi.train.train`` call
 (its name, epochs, optimiser steps counted by a global ``torch.optim`` step hook) and
 ``cellvi.train.evaluate`` (validation), and the GMVAE M-step (``_Run.mixture_step``).
@@ -178,6 +179,8 @@ class PhaseTimer:
         setattr(owner, name, g)
 
     def wrap(self, owner, name: str, label: str) -> None:
+        if not hasattr(owner, name):  # an older --code-rev without it
+            return
         f = getattr(owner, name)
         timer = self
 
@@ -278,6 +281,9 @@ def child_cyto(spec: dict) -> dict:
         for owner, name, label in (
                 (gm.GMVAE, "__init__", "model_init"), (gm.GMVAE, "fit", "fit"),
                 (gm.GMVAE, "transform", "transform"), (cellvi.tl, "outlier_scores", "outlier_score"),
+                # tl.gmvae's one inference pass (latent, probabilities and ELBO) and the
+                # robust scores made from its ELBO
+                (gm.GMVAE, "transform_and_elbo", "transform"), (cellvi.tl, "robust_scores", "outlier_score"),
                 (cellvi.tl, "group_medians", "marker_medians"), (gm, "warm_up", "fit.warm_up"),
                 (gm, "initialise", "fit.initialise"), (gm, "fit_mixture", "fit.mixture"),
                 (gm, "merge_and_tune", "fit.merge_and_tune"),
