@@ -187,6 +187,25 @@ def test_a_nan_batch_rolls_back_lowers_the_learning_rate_and_training_goes_on(ca
     assert hist["lr"][:2] == [0.05, 0.05] and hist["lr"][2] == pytest.approx(0.005)
 
 
+def test_a_nan_in_the_networks_reaches_the_nan_guard_not_a_distribution_check():
+    """The encoder's and decoder's distributions skip torch's argument checks: a NaN weight
+    gives a NaN loss, which the guard handles (roll back, then a clear error), instead of a
+    ``ValueError`` about a constraint from inside the forward pass."""
+    from cellvi.decoders import ContinuousDecoder
+    from cellvi.posteriors import GaussianEncoder
+    from cellvi.priors import StandardNormal
+    from cellvi.vae import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(GaussianEncoder(3, 2, n_hidden=8), ContinuousDecoder(2, 3, n_hidden=8),
+              StandardNormal(2), log1p_input=False)
+    with torch.no_grad():
+        vae.encoder.loc.weight[0, 0] = math.nan
+    with pytest.raises(TrainingDiverged, match="after 2 roll-backs"):
+        train(vae, _toy_data(), TrainConfig(max_epochs=3, batch_size=32, nan_retries=2,
+                                            verbose=False))
+
+
 def test_train_is_seeded_and_leaves_global_rng_alone():
     state = torch.random.get_rng_state()
     a, b = _Toy(), _Toy()
