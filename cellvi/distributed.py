@@ -1,7 +1,8 @@
 """Multi-process data-parallel training on :mod:`torch.distributed`.
 
-Launch the same script once per process with ``torchrun``; ``fit`` (and so ``cellvi.tl.nbvae``)
-then joins the process group itself (gloo on the CPU, NCCL on CUDA) and trains one model:
+Launch the same script once per process with ``torchrun``; ``fit`` (and so ``cellvi.tl.nbvae``
+and ``cellvi.tl.gmvae``) then joins the process group itself (gloo on the CPU, NCCL on CUDA)
+and trains one model:
 
 .. code-block:: bash
 

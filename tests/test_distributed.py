@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-import cellvi
 from cellvi import distributed
 
 WORKER = Path(__file__).with_name("_ddp_fit.py")
@@ -53,9 +51,21 @@ def test_without_a_launcher_nothing_changes():
     assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
 
 
-def test_the_gmvae_refuses_a_data_parallel_launch(monkeypatch):
-    adata = cellvi.datasets.synthetic_cytometry(300, n_markers=5, seed=0)
-    model = cellvi.models.GMVAE(adata, n_components=3)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(cellvi.errors.InvalidInputError, match="one process"):
-        model.fit(max_epochs=1, verbose=False)
+def test_two_gloo_processes_train_one_gmvae_equivalent_to_one_process(tmp_path):
+    """The GMVAE's phases (warm-up, GMM start, M-steps and pruning after each epoch, merges)
+    run on every process from the same weights and cells; rank 0's M-step is kept by all."""
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+          str(tmp_path / "ddp"), "0", "gmvae"], tmp_path)
+    for seed in (0, 1):
+        _run([str(WORKER), str(tmp_path / f"single{seed}"), str(seed), "gmvae"], tmp_path)
+    ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    single = [json.loads((tmp_path / f"single{s}" / "rank0.json").read_text()) for s in (0, 1)]
+    assert [r["size"] for r in ranks] == [2, 2]
+    for key in ("weights", "n_components", "n_clusters", "merges", "validation_elbo"):
+        assert ranks[0][key] == ranks[1][key], key  # one model on both processes
+    assert ranks[0]["n_components"][0] == 30 and ranks[0]["n_components"][-1] < 10  # it pruned
+    # an equivalent model: the populations found, the ELBO within the single runs' spread
+    assert abs(ranks[0]["n_clusters"] - 5) <= 1 and ranks[0]["ari"] >= 0.9, ranks[0]
+    spread = abs(single[0]["elbo"] - single[1]["elbo"])
+    lo, hi = min(s["elbo"] for s in single), max(s["elbo"] for s in single)
+    assert lo - max(spread, 0.05) <= ranks[0]["elbo"] <= hi + max(spread, 0.05), (ranks[0], single)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..checkpoint import Checkpointer
 from ..clustering import group_moments, merge_components
 from ..data import ContinuousData
@@ -140,6 +141,9 @@ class _Run:
             if dropped:
                 logger.info("epoch %d: pruned components %s, %d left", epoch, dropped,
                             mixture.n_active)
+        # data-parallel: every process ran the same step on the same cells and weights (the
+        # BatchNorm statistics were shared after the epoch); rank 0's result is kept by all
+        distributed.broadcast_module(mixture)
         history.setdefault("n_components", []).append(mixture.n_active)
 
 

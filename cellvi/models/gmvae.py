@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
-from .. import distributed
 from .._settings import seeded
 from ..data import ContinuousData, check_finite, prepare_continuous, select_markers
 from ..decoders import ContinuousDecoder
@@ -335,10 +334,6 @@ class GMVAE(Model):
                 f"schedule.merge_rounds=0 cannot merge the {s['n_start']} starting components "
                 f"down to n_components={s['n_components']}; use merge_rounds >= 1, or "
                 "overcluster=False to train exactly n_components components")
-        if distributed.launched() or distributed.active():
-            raise InvalidInputError(
-                "the GMVAE does not train data-parallel yet (its M-steps and merges read "
-                "every cell); run it in one process (without torchrun)")
         if batch_penalty is None:
             batch_penalty = BATCH_PENALTY if self.settings["batch_keys"] else 0.0
         objective = self._objective(objective, batch_penalty)
