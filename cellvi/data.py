@@ -83,19 +83,43 @@ def as_batch_keys(batch_key: str | Sequence[str] | None) -> list[str]:
     return list(batch_key)
 
 
+def is_streamed(adata: AnnData) -> bool:
+    """Whether ``adata.X`` stays on disk: a backed ``.h5ad`` (``backed="r"``) or a zarr store
+    opened by :func:`cellvi.io.open_zarr` (anndata's on-disk sparse dataset or a zarr array)."""
+    if adata.isbacked:
+        return True
+    X = adata.X
+    if X is None or isinstance(X, np.ndarray) or sp.issparse(X):
+        return False
+    from anndata.abc import CSCDataset, CSRDataset
+
+    if isinstance(X, CSRDataset | CSCDataset):
+        return True
+    try:
+        import zarr
+    except ImportError:  # pragma: no cover - zarr comes with anndata
+        return False
+    return isinstance(X, zarr.Array)
+
+
+#: how to get an on-disk X into memory
+TO_MEMORY = ("adata = adata.to_memory() for a backed .h5ad, adata = anndata.read_zarr(path) "
+             "for a zarr store")
+
+
 def get_matrix(adata: AnnData, layer: str | None = None, *, backed: bool = False):
     """The matrix in ``layer`` (or ``X``), after checking it can be read. With ``backed``,
     the ``X`` of a backed AnnData comes as :class:`BackedRows` (layers of a backed AnnData
     are in memory); without, a backed ``X`` is refused with what to do."""
     if not isinstance(adata, AnnData):
         raise InvalidTypeError(f"expected an AnnData object, got {type(adata).__name__}")
-    if adata.isbacked and layer is None:
+    if layer is None and is_streamed(adata):
         if backed and adata.n_obs and adata.n_vars:
             return BackedRows(adata.X)
         if not backed:
             raise InvalidInputError(
-                "this AnnData is backed on disk (opened with backed='r') and this function "
-                "needs it in memory; load it first with adata = adata.to_memory()"
+                "this AnnData's X is on disk (a backed .h5ad or cellvi.io.open_zarr) and this "
+                f"function needs it in memory; load it first: {TO_MEMORY}"
             )
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InvalidInputError(f"AnnData is empty ({adata.n_obs} cells x {adata.n_vars} features)")
@@ -322,11 +346,11 @@ def check_var_names(adata: AnnData, var_names: Sequence[str]) -> None:
 
 def check_writable(adata: AnnData, copy: bool) -> None:
     """Refuse to write results into a view (it would silently turn into a copy)."""
-    if adata.isbacked and copy:
+    if copy and is_streamed(adata):
         raise InvalidInputError(
-            "copy=True on a backed AnnData would load the whole matrix into memory; write "
-            "the results into it (copy=False; they stay in memory until you write the "
-            "file), or load it first with adata = adata.to_memory()"
+            "copy=True on an AnnData whose X is on disk would load the whole matrix into "
+            "memory; write the results into it (copy=False; they stay in memory until you "
+            f"write the file), or load it first: {TO_MEMORY}"
         )
     if adata.is_view and not copy:
         raise InvalidInputError(

@@ -35,7 +35,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from .data import as_batch_keys, get_matrix
+from .data import TO_MEMORY, as_batch_keys, get_matrix, is_streamed
 from .errors import InvalidInputError, InvalidTypeError, MissingKeyError
 from .inference import elbo_per_cell, iwae_per_cell, refine
 
@@ -157,9 +157,9 @@ def doublet_scores(model, adata: AnnData, *, n_simulated: int | None = None,
                                f"{type(model).__name__}: sums of transformed cytometry values "
                                "are not doublets")
     model._require_trained()
-    if adata.isbacked:
+    if is_streamed(adata):
         raise InvalidInputError("doublet_scores needs the counts in memory (it sums pairs of "
-                                "cells); load them first with adata = adata.to_memory()")
+                                f"cells); load them first: {TO_MEMORY}")
     d = model._prepare(adata)
     X = sp.csr_matrix(d.X, dtype=np.float32)
     n = X.shape[0]

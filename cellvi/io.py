@@ -1,4 +1,5 @@
-"""Reading flow and mass cytometry FCS files into AnnData.
+"""Reading flow and mass cytometry FCS files into AnnData, and opening zarr stores with ``X``
+left on disk (:func:`open_zarr`).
 
 FCS parsing is done by `FlowIO <https://github.com/whitews/FlowIO>`_; this module only turns
 its output into an :class:`~anndata.AnnData` (events x channels) and turns FlowIO's parser
@@ -23,7 +24,7 @@ from anndata import AnnData
 
 logger = logging.getLogger("cellvi")
 
-__all__ = ["read_fcs", "spillover_from_uns", "parse_spillover", "per_sample_spillover"]
+__all__ = ["read_fcs", "open_zarr", "spillover_from_uns", "parse_spillover", "per_sample_spillover"]
 
 #: FCS keywords that may hold the spillover matrix, as FlowIO names them (lower case, ``$``
 #: removed), in order of preference.
@@ -455,3 +456,50 @@ def read_fcs(
     logger.info("read %d events x %d channels from %d FCS file(s)", adata.n_obs, adata.n_vars,
                 len(paths))
     return adata
+
+
+# --------------------------------------------------------------------------------------------
+# zarr stores, X on disk
+# --------------------------------------------------------------------------------------------
+def open_zarr(path: str | Path) -> AnnData:
+    """An AnnData zarr store (``adata.write_zarr(path)``) with ``obs``, ``var`` and ``uns`` in
+    memory and ``X`` left on disk, for ``cellvi.tl.nbvae`` and ``NBVAE`` to stream as they do a
+    backed ``.h5ad``: row chunks read through anndata's own readers
+    (``anndata.io.sparse_dataset`` for a CSR ``X``, the zarr array for a dense one), never
+    the whole matrix. Layers and ``obsm`` are not read. Results are written into the returned
+    object in memory; save them where you like (``obs``, ``obsm``).
+
+    Raises:
+        FileNotFoundError: no such store. ``InvalidInputError``: no ``X`` in the store, or a
+        CSC ``X`` (rows are not contiguous; write it as CSR).
+
+    Example:
+        >>> adata = cellvi.io.open_zarr("big.zarr")
+        >>> cellvi.tl.nbvae(adata, batch_key="batch")
+    """
+    import anndata
+    import zarr
+
+    from .errors import InvalidInputError
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no zarr store at {path}")
+    root = zarr.open_group(str(path), mode="r")
+    if "X" not in root:
+        raise InvalidInputError(f"the zarr store {path} has no X; write it with adata.write_zarr")
+    node = root["X"]
+    if isinstance(node, zarr.Group):
+        encoding = node.attrs.get("encoding-type")
+        if encoding == "csc_matrix":
+            raise InvalidInputError(
+                f"X of {path} is stored as CSC, whose rows are not contiguous on disk; write it "
+                "as CSR: adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_zarr(path)")
+        X = anndata.io.sparse_dataset(node)
+    else:
+        X = node
+    read = anndata.io.read_elem
+    obs = read(root["obs"]) if "obs" in root else None
+    var = read(root["var"]) if "var" in root else None
+    uns = read(root["uns"]) if "uns" in root else {}
+    return AnnData(X=X, obs=obs, var=var, uns=uns)

@@ -135,3 +135,36 @@ def test_gmvae_reads_a_backed_file_into_memory_markers(tmp_path):
     cellvi.tl.gmvae(backed, **kw)
     want = cellvi.tl.gmvae(adata, copy=True, **kw)
     np.testing.assert_array_equal(backed.obsm["X_gmvae"], want.obsm["X_gmvae"])
+
+
+def test_nbvae_streams_a_zarr_store_as_it_does_a_backed_file(counts_file, tmp_path, monkeypatch):
+    """``cellvi.io.open_zarr``: X stays on disk (anndata's sparse dataset), the fit equals
+    the in-memory one, results land in the object, and the in-memory-only paths say how to
+    load it."""
+    _, memory = counts_file
+    monkeypatch.setattr(cellvi.settings, "deterministic", True)
+    memory.write_zarr(tmp_path / "counts.zarr")
+    streamed = cellvi.io.open_zarr(tmp_path / "counts.zarr")
+    assert cellvi.data.is_streamed(streamed) and not sp.issparse(streamed.X)
+    assert list(streamed.obs_names) == list(memory.obs_names)
+    kw = dict(batch_key="batch", max_epochs=3, verbose=False)
+    model = cellvi.tl.nbvae(streamed, return_model=True, **kw)
+    want = cellvi.tl.nbvae(memory, copy=True, **kw)
+    np.testing.assert_array_equal(streamed.obsm["X_nbvae"], want.obsm["X_nbvae"])
+    with pytest.raises(cellvi.errors.InvalidInputError, match="read_zarr"):
+        cellvi.tl.nbvae(streamed, copy=True, **kw)
+    with pytest.raises(cellvi.errors.InvalidInputError, match="read_zarr"):
+        cellvi.diagnostics.doublet_scores(model, streamed)
+    csc = memory.copy()
+    csc.X = sp.csc_matrix(csc.X)
+    csc.write_zarr(tmp_path / "csc.zarr")
+    with pytest.raises(cellvi.errors.InvalidInputError, match="as CSR"):
+        cellvi.io.open_zarr(tmp_path / "csc.zarr")
+    with pytest.raises(FileNotFoundError):
+        cellvi.io.open_zarr(tmp_path / "missing.zarr")
+    dense = memory.copy()
+    dense.X = np.asarray(memory.X.todense())
+    dense.write_zarr(tmp_path / "dense.zarr")
+    opened = cellvi.io.open_zarr(tmp_path / "dense.zarr")
+    assert cellvi.data.is_streamed(opened)
+    assert not cellvi.data.is_streamed(memory)
