@@ -162,6 +162,16 @@ class StreamedMatrix:
         return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, self.shape[1]))
 
 
+def _random_subset(n_total: int, n: int) -> torch.Tensor:
+    """``n`` distinct positions of ``range(n_total)``, a uniform random subset in random order
+    (torch's global random state); for ``n`` well below ``n_total``."""
+    picked = torch.empty(0, dtype=torch.long)
+    while len(picked) < n:  # distinct values of draws with replacement: a uniform subset
+        more = torch.randint(0, n_total, (n - len(picked) + n // 16 + 16,))
+        picked = torch.unique(torch.cat([picked, more]))
+    return picked[torch.randperm(len(picked))[:n]]
+
+
 @dataclass
 class DeviceData:
     """All tensors a model needs, resident on one device.
@@ -185,10 +195,21 @@ class DeviceData:
     def streamed(self) -> bool:
         return isinstance(self.x, StreamedMatrix)
 
-    def shuffle(self, idx: torch.Tensor) -> torch.Tensor:
+    def shuffle(self, idx: torch.Tensor, n: int | None = None) -> torch.Tensor:
         """A random order of the cells ``idx`` for one epoch (block-shuffled when the matrix
-        is streamed from disk, :meth:`StreamedMatrix.order`)."""
-        return self.x.order(idx) if self.streamed else idx[torch.randperm(len(idx))]
+        is streamed from disk, :meth:`StreamedMatrix.order`); with ``n``, its first ``n``.
+
+        In memory, when ``n`` is at most a quarter of ``idx`` (an epoch of 100,000 of 900,000
+        or more training cells), the ``n`` cells are a uniform random subset in random order
+        drawn in ``O(n log n)``: distinct cells of a draw with replacement, a random ``n`` of
+        them, permuted (a full permutation of 9M cells took 0.5 s an epoch)."""
+        if self.streamed:
+            order = self.x.order(idx)
+        elif n is not None and 4 * n <= len(idx):
+            order = idx[_random_subset(len(idx), n)]
+        else:
+            order = idx[torch.randperm(len(idx))]
+        return order if n is None else order[:n]
 
     def holdout(self, idx: torch.Tensor) -> tuple[DeviceData, torch.Tensor]:
         """Data and indices to evaluate the cells ``idx`` on repeatedly: themselves, or, for a

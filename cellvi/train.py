@@ -372,10 +372,11 @@ def _epoch_with_rollback(module, data, train_idx, batch_size, steps_per_epoch, o
     while True:
         for callback in callbacks:
             callback.on_epoch_start(epoch)
-        order = distributed.broadcast_(data.shuffle(train_idx))
+        # only the cells this epoch takes (splitting all of 9M cells cost 0.1 s an epoch)
+        order = distributed.broadcast_(data.shuffle(train_idx, steps_per_epoch * batch_size))
         batches = torch.split(order, batch_size)
         try:
-            terms, run["step"] = _epoch(module, data, batches[:steps_per_epoch], objective,
+            terms, run["step"] = _epoch(module, data, batches, objective,
                                         optimizer, schedule, run["step"], epoch, cfg)
             return terms
         except _NonFinite as bad:

@@ -307,3 +307,28 @@ def test_nbvae_bf16_backward_trains_like_float32():
     v16 = runs["bfloat16"].history["validation_elbo"][-1]
     assert v16 != v32  # the bfloat16 products were used
     assert abs(v16 - v32) < 0.01 * abs(v32)
+
+
+def test_an_epoch_of_a_large_set_is_a_uniform_random_subset_in_random_order():
+    """``DeviceData.shuffle(idx, n)``: below a quarter of ``idx``, a subset drawn without a
+    full permutation; distinct cells, every cell equally likely; otherwise the head of a
+    permutation (small data keep their exact order)."""
+    from cellvi.device import _random_subset
+
+    torch.manual_seed(0)
+    counts = torch.zeros(1000)
+    for _ in range(400):
+        pick = _random_subset(1000, 200)
+        assert len(pick) == 200 and len(torch.unique(pick)) == 200
+        counts[pick] += 1
+    # each cell is picked with probability 0.2: 80 of 400 draws (sd 8)
+    assert 45 < counts.min() and counts.max() < 115 and abs(counts.mean() - 80) < 1e-6
+    assert not torch.equal(pick, torch.sort(pick).values)  # in random order
+    data = _toy_data(200)
+    idx = torch.arange(200) * 3
+    torch.manual_seed(1)
+    head = data.shuffle(idx, 100)  # half of idx: the permutation's head, as before
+    torch.manual_seed(1)
+    assert torch.equal(head, idx[torch.randperm(200)][:100])
+    sub = data.shuffle(idx, 40)
+    assert len(sub) == 40 and len(torch.unique(sub)) == 40 and bool(torch.isin(sub, idx).all())
