@@ -402,9 +402,7 @@ class GMVAE(Model):
         ``refine_steps``, each cell's posterior is first refined on its own ELBO
         (:func:`cellvi.inference.refine`)."""
         self._require_trained()
-        n_samples = int(n_samples)
-        if n_samples < 0:
-            raise InvalidInputError(f"n_samples must be 0 or more, got {n_samples}")
+        n_samples = _prob_samples(n_samples)
 
         def fn(batch):
             q = self._refined(batch, refine_steps)
@@ -425,9 +423,7 @@ class GMVAE(Model):
             ``(output, elbo)``: a :class:`GMVAEOutput` and one ``float32`` value per cell.
         """
         self._require_trained()
-        n_samples = int(n_samples)
-        if n_samples < 0:
-            raise InvalidInputError(f"n_samples must be 0 or more, got {n_samples}")
+        n_samples = _prob_samples(n_samples)
         elbo_samples = positive_int("elbo_samples", self.outlier_samples if elbo_samples is None
                                     else elbo_samples)
 
@@ -469,6 +465,14 @@ class GMVAE(Model):
         k = f"{self.n_clusters} clusters" if self.is_trained else f"n_components={s['n_components']}"
         return (f"GMVAE({len(self.var_names)} markers, {k}, n_latent={s['n_latent']}, "
                 f"likelihood={s['likelihood']!r}, batch_keys={s['batch_keys']}, {self._state()})")
+
+
+def _prob_samples(n_samples) -> int:
+    """The posterior draws of the cluster probabilities: 0 (at the mean) or more."""
+    n_samples = int(n_samples)
+    if n_samples < 0:
+        raise InvalidInputError(f"n_samples must be 0 or more, got {n_samples}")
+    return n_samples
 
 
 def _n_components(n_components: int | None, n_obs: int, overcluster: bool) -> tuple[int, int]:
