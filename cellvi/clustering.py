@@ -5,7 +5,9 @@
 - :func:`bimodality`: whether two groups of cells are two modes in feature space;
 - :func:`group_moments`: weights, means and spreads of groups of latent posteriors, which
   place the mixture components;
-- :func:`group_medians`: per-cluster medians of the input values, to name the populations.
+- :func:`group_medians`: per-cluster medians of the input values, to name the populations;
+- :func:`batch_balanced_groups`: clusters of raw counts after each batch's mean is removed,
+  which the NB-VAE's batch penalty aligns the batches within.
 
 The evidence behind the thresholds is in ``docs/design.md`` (merging and the veto).
 """
@@ -20,7 +22,7 @@ import numpy as np
 logger = logging.getLogger("cellvi")
 
 __all__ = ["merge_components", "bimodality", "group_moments", "group_medians",
-           "BIMODAL_SEPARATION", "BIMODAL_VALLEY"]
+           "batch_balanced_groups", "BIMODAL_SEPARATION", "BIMODAL_VALLEY"]
 
 
 def merge_components(probs: np.ndarray, threshold: float = 0.0,
@@ -213,4 +215,56 @@ def group_medians(X: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray
         members = codes == c
         if members.any():
             out[c] = np.median(X[members], axis=0)
+    return out
+
+
+def batch_balanced_groups(counts, covs: np.ndarray, n_groups: int = 8, *, n_cells: int = 20000,
+                          n_genes: int = 2000, n_pcs: int = 20, seed: int = 0,
+                          chunk: int = 50000) -> np.ndarray:
+    """Coarse clusters of cells that hold cells of every batch where the batches share a
+    cell type: k-means on the principal components of the raw counts
+    (:class:`cellvi.metrics.LogPCA`) after each batch's mean is subtracted (for every
+    column of ``covs`` in turn), the per-batch-centred PCA of the integration benchmarks.
+
+    The centring removes a batch's average shift, so a cell type found in several batches
+    mostly lands in one group; a type that one batch lacks lands in a group with few or none
+    of that batch's cells. Computed on a seeded random subsample of at most ``n_cells`` cells;
+    the other cells are placed in the same components (in chunks of ``chunk`` cells) and
+    given the nearest centre.
+
+    Args:
+        counts: cells x genes raw counts, dense or scipy sparse (row-indexable).
+        covs: cells x keys integer batch codes.
+        n_groups: clusters (at most the cells of the subsample).
+
+    Returns:
+        One integer group per cell, ``0 .. n_groups - 1``.
+    """
+    from sklearn.cluster import KMeans
+
+    from .metrics import LogPCA
+
+    covs = np.asarray(covs).reshape(len(covs), -1)
+    n = counts.shape[0]
+    idx = np.sort(np.random.default_rng(seed).choice(n, min(n, n_cells), replace=False))
+    pcs = LogPCA(counts[idx], n_genes=n_genes, n_pcs=n_pcs)
+    shifts = []  # per key, the mean of each batch's components (sequential centring)
+    Z = pcs.scores.copy()
+    for j in range(covs.shape[1]):
+        codes = covs[idx, j]
+        means = np.zeros((int(covs[:, j].max()) + 1, Z.shape[1]))
+        for c in np.unique(codes):
+            means[c] = Z[codes == c].mean(0)
+        Z -= means[codes]
+        shifts.append(means)
+    km = KMeans(max(1, min(int(n_groups), len(idx))), n_init=3, random_state=seed).fit(Z)
+    if len(idx) == n:
+        return km.labels_.astype(np.int64)
+    out = np.empty(n, dtype=np.int64)
+    for start in range(0, n, chunk):
+        rows = np.arange(start, min(n, start + chunk))
+        Zr = pcs.transform(counts[rows])
+        for j, means in enumerate(shifts):
+            Zr -= means[covs[rows, j]]
+        out[rows] = km.predict(Zr)
     return out

@@ -110,8 +110,6 @@ def batch_separation(counts, batch, *, n_cells: int = 5000, n_genes: int = 2000,
     Returns:
         The separation (``nan`` with a single batch or no varying gene).
     """
-    import scipy.sparse as sp
-    from sklearn.decomposition import PCA
     from sklearn.neighbors import NearestNeighbors
 
     batch = np.asarray(batch).astype(str)
@@ -120,19 +118,11 @@ def batch_separation(counts, batch, *, n_cells: int = 5000, n_genes: int = 2000,
     rng = np.random.default_rng(seed)
     n = counts.shape[0]
     idx = np.sort(rng.choice(n, min(n, n_cells), replace=False))
-    X = sp.csr_matrix(counts[idx], dtype=np.float64)
-    lib = np.asarray(X.sum(1)).ravel()
-    X = sp.diags(1e4 / np.maximum(lib, 1.0)) @ X
-    X.data = np.log1p(X.data)
-    mean = np.asarray(X.mean(0)).ravel()
-    var = np.asarray(X.multiply(X).mean(0)).ravel() - mean ** 2
-    genes = np.argsort(-var)[:min(n_genes, int((var > 1e-12).sum()))]
-    if len(genes) == 0:  # every gene constant: no expression to separate the batches by
+    pcs = LogPCA(counts[idx], n_genes=n_genes, n_pcs=n_pcs)
+    if pcs.genes.size == 0:  # every gene constant: no expression to separate the batches by
         return float("nan")
-    Y = X[:, genes].toarray()
+    Z = pcs.scores
     k = min(n_neighbors, len(idx) - 1)
-    n_comp = max(1, min(n_pcs, Y.shape[1], len(idx) - 1))
-    Z = PCA(n_comp, random_state=0).fit_transform(Y) if Y.shape[1] > 1 else Y
     nb = NearestNeighbors(n_neighbors=k + 1).fit(Z).kneighbors(Z, return_distance=False)[:, 1:]
     b = batch[idx]
     same = (b[nb] == b[:, None]).mean(1)
@@ -140,3 +130,37 @@ def batch_separation(counts, batch, *, n_cells: int = 5000, n_genes: int = 2000,
     expected = (cnt[inv] - 1) / max(len(b) - 1, 1)
     keep = expected < 1
     return float(np.mean((same[keep] - expected[keep]) / (1 - expected[keep])))
+
+
+class LogPCA:
+    """Principal components of raw counts the way scanpy's standard recipe makes them: counts
+    per 10,000, ``log1p``, the ``n_genes`` most variable genes, ``n_pcs`` components
+    (sklearn). ``scores`` holds the fitted cells' components; :meth:`transform` places other
+    cells (raw counts of the same genes) in the same components.
+    """
+
+    def __init__(self, counts, *, n_genes: int = 2000, n_pcs: int = 20):
+        from sklearn.decomposition import PCA
+
+        Y = self._log_normalized(counts)
+        mean = np.asarray(Y.mean(0)).ravel()
+        var = np.asarray(Y.multiply(Y).mean(0)).ravel() - mean ** 2
+        self.genes = np.argsort(-var)[:min(n_genes, int((var > 1e-12).sum()))]
+        Y = Y[:, self.genes].toarray()
+        n_comp = max(1, min(n_pcs, Y.shape[1], Y.shape[0] - 1))
+        self.pca = PCA(n_comp, random_state=0).fit(Y) if Y.shape[1] > 1 else None
+        self.scores = self.pca.transform(Y) if self.pca is not None else Y
+
+    @staticmethod
+    def _log_normalized(counts):
+        import scipy.sparse as sp
+
+        X = sp.csr_matrix(counts, dtype=np.float64)
+        lib = np.asarray(X.sum(1)).ravel()
+        X = sp.csr_matrix(sp.diags(1e4 / np.maximum(lib, 1.0)) @ X)
+        X.data = np.log1p(X.data)
+        return X
+
+    def transform(self, counts) -> np.ndarray:
+        Y = self._log_normalized(counts)[:, self.genes].toarray()
+        return self.pca.transform(Y) if self.pca is not None else Y

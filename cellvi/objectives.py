@@ -88,7 +88,8 @@ MMD_SCALES = (0.2, 1.0, 5.0)
 MMD_BLOCK = 512
 
 
-def batch_mmd(z: torch.Tensor, covs: torch.Tensor, block: int = MMD_BLOCK) -> torch.Tensor:
+def batch_mmd(z: torch.Tensor, covs: torch.Tensor, block: int = MMD_BLOCK,
+              groups: torch.Tensor | None = None) -> torch.Tensor:
     """How much the latent depends on the batch within a mini-batch: for each batch key and
     each category with at least 2 cells here, the squared maximum mean discrepancy (biased
     V-statistic, multi-scale RBF kernel) between that category's cells and all the cells,
@@ -100,26 +101,42 @@ def batch_mmd(z: torch.Tensor, covs: torch.Tensor, block: int = MMD_BLOCK) -> to
     batch still give blocks with every batch in them), and the blocks' values are averaged,
     weighted by their cells: the kernel matrices cost ``O(n * block)``, not ``O(n^2)``, and a batch of
     2,048 cells is penalised as four batches of 512 would be.
+
+    With ``groups`` (one integer label per cell, e.g. clusters that hold cells of every
+    batch, :func:`cellvi.metrics.batch_balanced_groups`), each category is compared with all
+    the cells *reweighted to the category's own mix of groups* (within the block): a group
+    that a batch lacks (a cell type missing from it) is left out of that batch's target, so
+    composition that differs between batches is not penalised, only the batch's difference
+    from the others within each group (cluster-conditional alignment; the class-weighted MMD
+    of domain adaptation under label shift). A group held by one batch alone contributes
+    nothing.
     """
     n = z.shape[0]
     if n > block:
         k = math.ceil(n / block)
-        return sum(_mmd_block(z[i::k], covs[i::k]) * len(range(i, n, k)) for i in range(k)) / n
-    return _mmd_block(z, covs)
+        return sum(_mmd_block(z[i::k], covs[i::k], None if groups is None else groups[i::k])
+                   * len(range(i, n, k)) for i in range(k)) / n
+    return _mmd_block(z, covs, groups)
 
 
-def _mmd_block(z: torch.Tensor, covs: torch.Tensor) -> torch.Tensor:
+def _mmd_block(z: torch.Tensor, covs: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     d2 = torch.cdist(z, z).square()
     n, dim = z.shape
     K = sum(torch.exp(-d2 / (s * dim)) for s in MMD_SCALES)
     total = z.new_zeros(())
+    G = None if groups is None else torch.nn.functional.one_hot(groups).to(z.dtype)  # n x groups
     for j in range(covs.shape[1]):
         onehot = torch.nn.functional.one_hot(covs[:, j]).to(z.dtype)  # n x categories
         counts = onehot.sum(0)
         # categories with fewer than 2 cells here get weight 0 (masks, not boolean indexing:
         # no host synchronisation); a single batch gives W = 0, so no penalty
         weight = counts * (counts >= 2)
-        W = onehot / counts.clamp_min(1.0) - 1.0 / n  # columns: mean of batch b minus overall
+        if G is None:
+            target = 1.0 / n  # every cell alike
+        else:  # cell i's weight in batch b's target: b's share of i's group / the group's cells
+            share = (G.T @ onehot) / counts.clamp_min(1.0)  # groups x categories
+            target = G @ (share / G.sum(0).clamp_min(1.0)[:, None])  # n x categories, columns sum to 1
+        W = onehot / counts.clamp_min(1.0) - target  # columns: mean of batch b minus its target
         mmd2 = ((K @ W) * W).sum(0).clamp_min(0.0)
         total = total + (mmd2 * weight).sum() / weight.sum().clamp_min(1.0)
     return total / covs.shape[1]
@@ -186,7 +203,8 @@ class ELBO:
         """``(loss, log p(x|z), KL)``: the scalar to minimise and its per-cell parts."""
         if self.batch_penalty and batch.get("covs") is not None:
             log_px, kl_z, qz = module.elbo_terms(batch, prior=self.prior, with_posterior=True)
-            penalty = self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"])
+            penalty = self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"],
+                                                            groups=batch.get("mmd_groups"))
         else:
             log_px, kl_z = self.terms(module, batch)
             penalty = 0.0
@@ -216,7 +234,8 @@ class IWAE(ELBO):
         bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(self.n_samples)
         loss = -bound.mean()
         if self.batch_penalty and batch.get("covs") is not None:
-            loss = loss + self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"])
+            loss = loss + self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"],
+                                                                groups=batch.get("mmd_groups"))
         hyper = (self.prior or module.prior).log_hyperprior(n_obs)
         if hyper is not None:
             loss = loss - hyper / n_obs

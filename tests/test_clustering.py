@@ -148,3 +148,30 @@ def test_group_medians_per_group_with_nan_for_empty_ones():
     assert np.isnan(med[1]).all()
     np.testing.assert_array_equal(med[2], [8, 9])
     assert med.dtype == np.float32
+
+
+def test_batch_balanced_groups_mix_batches_and_keep_a_missing_type_apart():
+    from sklearn.cluster import KMeans
+
+    import cellvi
+    from cellvi.clustering import batch_balanced_groups
+    from cellvi.metrics import LogPCA, ari
+
+    a = cellvi.datasets.synthetic_counts(3000, 300, n_groups=3, n_batches=2, batch_strength=1.0, seed=0)
+    types = a.obs["group"].cat.codes.to_numpy()
+    batch = a.obs["batch"].cat.codes.to_numpy()
+    keep = ~((types == 2) & (batch == 1))  # type 2 missing from batch 1
+    X, types, batch = a.X[keep], types[keep], batch[keep]
+    # uncorrected, k-means splits by batch; after centring each batch, it finds the types
+    assert ari(types, KMeans(3, n_init=3, random_state=0).fit_predict(LogPCA(X).scores)) < 0.5
+    groups = batch_balanced_groups(X, batch[:, None], 3)
+    assert ari(types, groups) > 0.95
+    for k in range(3):
+        held = np.bincount(batch[groups == k], minlength=2)
+        if np.bincount(types[groups == k], minlength=3).argmax() == 2:
+            assert held[1] == 0  # the missing type's group holds none of batch 1
+        else:
+            assert held.min() > 0.4 * held.sum()  # shared types: both batches
+    # fitted on a subsample, the other cells (read in chunks) get the nearest centre
+    sub = batch_balanced_groups(X, batch[:, None], 3, n_cells=1000, chunk=700)
+    assert sub.shape == groups.shape and ari(groups, sub) > 0.95

@@ -259,6 +259,38 @@ def test_batch_penalty_lowers_the_latents_batch_dependence(sim_adata):
         cellvi.models.NBVAE(ad, batch_key="batch").fit(max_epochs=1, batch_penalty=-1.0)
 
 
+def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alone(sim_adata):
+    import torch
+    from sklearn.metrics import silhouette_samples
+
+    import cellvi
+    from cellvi.objectives import batch_mmd
+
+    types = sim_adata.obs["group"].cat.codes.to_numpy()
+    batch = sim_adata.obs["batch"].cat.codes.to_numpy()
+    ad = sim_adata[~((types == 2) & (batch == 1))].copy()  # type 2 missing from batch 1
+    types, batch = types[~((types == 2) & (batch == 1))], batch[~((types == 2) & (batch == 1))]
+    shared = types < 2
+    out = {}
+    for name, weight, groups in (("none", 0.0, None), ("plain", 200.0, None), ("grouped", 200.0, 3)):
+        m = cellvi.models.NBVAE(ad, batch_key="batch", n_hidden=32)
+        m.fit(max_epochs=15, batch_penalty=weight, penalty_groups=groups, kl_warmup_steps=20,
+              verbose=False, seed=0)
+        z = m.get_latent(ad)
+        missing = float(silhouette_samples(z, types)[types == 2].mean())
+        within = float(batch_mmd(torch.as_tensor(z[shared]), torch.as_tensor(batch[shared])[:, None].long(),
+                                 groups=torch.as_tensor(types[shared]).long()))
+        out[name] = (missing, within)
+        assert m.train_settings["penalty_groups"] == (groups or 0)
+    # the plain penalty pulls the missing type towards batch 1's cells; the grouped one does not
+    assert out["plain"][0] < out["none"][0] - 0.1
+    assert out["grouped"][0] > out["plain"][0] + 0.1
+    # and the shared types' batches are mixed at least as well as by the plain penalty
+    assert out["grouped"][1] < out["plain"][1] < 0.5 * out["none"][1]
+    with pytest.raises(cellvi.errors.InvalidInputError, match="penalty_groups"):
+        cellvi.models.NBVAE(ad, batch_key="batch").fit(max_epochs=1, batch_penalty=1.0, penalty_groups=-2)
+
+
 def test_batch_log_ratios_match_dense_proportions_without_copying_the_counts():
     import tracemalloc
 

@@ -164,3 +164,50 @@ def test_batch_mmd_of_a_large_batch_averages_interleaved_blocks():
     zs, cs = z[::4][:256], codes[::4][:256]
     one = float(batch_mmd(zs, cs, block=256))
     assert one > 0.1 and one == pytest.approx(float(batch_mmd(zs, cs, block=10_000)), rel=1e-6)
+
+
+def test_batch_mmd_with_groups_ignores_composition_but_sees_a_shift_within_a_group():
+    from cellvi.objectives import MMD_SCALES, batch_mmd
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(60, 3, generator=g)  # type A: the same cells in both batches
+    b = torch.randn(40, 3, generator=g) + 4.0  # type B: only in batch 0
+    z = torch.cat([a, b, a])
+    codes = torch.cat([torch.zeros(100, dtype=torch.long), torch.ones(60, dtype=torch.long)])[:, None]
+    types = torch.cat([torch.zeros(60), torch.ones(40), torch.zeros(60)]).long()
+    plain = float(batch_mmd(z, codes))
+    assert plain > 0.05  # batch 1 lacks type B: the plain penalty pulls it
+    # grouped by type, batch 1's target is type A alone, which it matches exactly
+    assert float(batch_mmd(z, codes, groups=types)) == pytest.approx(0.0, abs=1e-6)
+    # one group for all cells is the plain statistic
+    assert float(batch_mmd(z, codes, groups=torch.zeros(160, dtype=torch.long))) == pytest.approx(plain, rel=1e-6)
+    # a shift of batch 1 within type A is still seen: against A's cells of both batches
+    moved = z.clone()
+    moved[100:] += 1.0
+    got = float(batch_mmd(moved, codes, groups=types))
+    w0, w1 = 100 / 160, 60 / 160
+    # batch 0's target: its own mix (60% A, 40% B), A's half from each batch
+    n0 = torch.cat([torch.full((60,), 0.6 / 120), torch.full((40,), 0.4 / 40), torch.full((60,), 0.6 / 120)])
+    n1 = torch.cat([torch.full((60,), 1 / 120), torch.zeros(40), torch.full((60,), 1 / 120)])
+    ref = (w0 * _weighted_mmd2(moved[:100], moved, n0, MMD_SCALES, 3)
+           + w1 * _weighted_mmd2(moved[100:], moved, n1, MMD_SCALES, 3))
+    assert got > 0.01 and got == pytest.approx(ref, rel=1e-4)
+    # gradients flow, and interleaved blocks pass the groups along
+    zz = moved.clone().requires_grad_(True)
+    batch_mmd(zz, codes, groups=types).backward()
+    assert zz.grad.abs().sum() > 0
+    perm = torch.randperm(160, generator=g)
+    blocks = float(batch_mmd(moved[perm], codes[perm], block=80, groups=types[perm]))
+    ref_blocks = sum(float(batch_mmd(moved[perm][i::2], codes[perm][i::2], groups=types[perm][i::2])) * 80
+                     for i in range(2)) / 160
+    assert blocks == pytest.approx(ref_blocks, rel=1e-6)
+
+
+def _weighted_mmd2(x, y, w, scales, dim):
+    """Squared MMD between the uniform measure on ``x`` and the ``w``-weighted one on ``y``,
+    written out from the kernel means."""
+    def k(a, b):
+        d2 = torch.cdist(a, b).square()
+        return sum(torch.exp(-d2 / (s * dim)) for s in scales)
+    u = torch.full((len(x),), 1.0 / len(x))
+    return float(u @ k(x, x) @ u - 2 * u @ k(x, y) @ w + w @ k(y, y) @ w)

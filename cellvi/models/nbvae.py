@@ -13,6 +13,7 @@ import torch
 from anndata import AnnData
 
 from .._settings import seeded
+from ..clustering import batch_balanced_groups
 from ..data import BackedRows, CountData, check_var_names, prepare_counts
 from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
@@ -237,6 +238,7 @@ class NBVAE(Model):
         resume: bool = False,
         objective: str | ELBO = "elbo",
         batch_penalty: float | None = None,
+        penalty_groups: int | None = None,
         **train_kwargs: Any,
     ) -> NBVAE:
         """Train on the AnnData given at construction.
@@ -273,6 +275,13 @@ class NBVAE(Model):
                 penalty lifted every integration-panel set above the best peer, but on mild
                 donor batches it lowers the cell-type ARI (``docs/design.md``, NB-VAE batch
                 penalty). A number sets the weight yourself (``0``: none).
+            penalty_groups: with a batch penalty, align the batches within this many
+                clusters of the per-batch-centred PCA of the raw counts
+                (:func:`cellvi.clustering.batch_balanced_groups`): each batch is compared
+                with all cells reweighted to its own mix of clusters, so that a cell type
+                one batch lacks is not pulled towards that batch's cells
+                (:func:`cellvi.objectives.batch_mmd` with ``groups``). ``None`` or ``0``:
+                each batch is compared with all cells alike.
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
@@ -280,22 +289,34 @@ class NBVAE(Model):
         if batch_penalty is None:
             batch_penalty, separation = self._default_batch_penalty(self._require_data())
         objective = self._objective(objective, batch_penalty)
-        _, data, seed = self._start_fit(seed, device)
+        if penalty_groups is not None:
+            penalty_groups = positive_int("penalty_groups", penalty_groups) if penalty_groups else 0
+        arrays, data, seed = self._start_fit(seed, device)
+        if penalty_groups and objective.batch_penalty:
+            data.obs["mmd_groups"] = torch.as_tensor(
+                self._penalty_groups(arrays, penalty_groups, seed), device=data.x.device)
         train_kwargs.setdefault("large_data_cells", LARGE_DATA_CELLS)
         config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
                                     batch_size=batch_size, lr=lr, kl_weight=kl_weight,
                                     **train_kwargs)
         checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
-                                        config, objective=repr(objective))
+                                        config, objective=repr(objective),
+                                        penalty_groups=int(penalty_groups or 0))
         self.history = train(self.module, data, config, objective=objective,
                              callbacks=callbacks, checkpoint=checkpoint)
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
                          objective=repr(objective), batch_penalty=float(objective.batch_penalty),
-                         batch_separation=separation,
+                         batch_separation=separation, penalty_groups=int(penalty_groups or 0),
                          **{**train_kwargs, "backward_precision": resolve_backward_precision(
                              config.backward_precision, self.device)})
         return self
+
+    @staticmethod
+    def _penalty_groups(d: CountData, n_groups: int, seed: int) -> np.ndarray:
+        """:func:`cellvi.clustering.batch_balanced_groups` of the training counts."""
+        rows = _RowReader(d.X) if isinstance(d.X, BackedRows) else d.X
+        return batch_balanced_groups(rows, d.covs, n_groups, seed=seed)
 
     @staticmethod
     def _default_batch_penalty(d: CountData) -> tuple[float, float | None]:
@@ -383,3 +404,13 @@ class NBVAE(Model):
         s = self.settings
         return (f"NBVAE({len(self.var_names)} genes, n_latent={s['n_latent']}, "
                 f"likelihood={s['likelihood']!r}, batch_keys={s['batch_keys']}, {self._state()})")
+
+
+class _RowReader:
+    """Rows of a backed matrix by index, as CSR (``reader[idx]``)."""
+
+    def __init__(self, rows: BackedRows):
+        self.rows, self.shape = rows, rows.shape
+
+    def __getitem__(self, idx) -> sp.csr_matrix:
+        return sp.csr_matrix(self.rows.matrix[idx])
