@@ -218,13 +218,14 @@ def group_medians(X: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray
     return out
 
 
-def batch_balanced_groups(counts, covs: np.ndarray, n_groups: int = 8, *, n_cells: int = 20000,
-                          n_genes: int = 2000, n_pcs: int = 20, seed: int = 0,
-                          chunk: int = 50000) -> np.ndarray:
+def batch_balanced_groups(X, covs: np.ndarray, n_groups: int = 8, *, counts: bool = True,
+                          n_cells: int = 20000, n_genes: int = 2000, n_pcs: int = 20,
+                          seed: int = 0, chunk: int = 50000) -> np.ndarray:
     """Coarse clusters of cells that hold cells of every batch where the batches share a
-    cell type: k-means on the principal components of the raw counts
-    (:class:`cellvi.metrics.LogPCA`) after each batch's mean is subtracted (for every
-    column of ``covs`` in turn), the per-batch-centred PCA of the integration benchmarks.
+    cell type: k-means after each batch's mean is subtracted (for every column of ``covs``
+    in turn) from the principal components of raw counts (:class:`cellvi.metrics.LogPCA`,
+    the per-batch-centred PCA of the integration benchmarks) or, with ``counts=False``,
+    from the values themselves (e.g. standardised cytometry markers).
 
     The centring removes a batch's average shift, so a cell type found in several batches
     mostly lands in one group; a type that one batch lacks lands in a group with few or none
@@ -233,7 +234,8 @@ def batch_balanced_groups(counts, covs: np.ndarray, n_groups: int = 8, *, n_cell
     given the nearest centre.
 
     Args:
-        counts: cells x genes raw counts, dense or scipy sparse (row-indexable).
+        X: cells x genes raw counts, dense or scipy sparse (row-indexable); with
+            ``counts=False``, cells x features values on a common scale.
         covs: cells x keys integer batch codes.
         n_groups: clusters (at most the cells of the subsample).
 
@@ -245,11 +247,16 @@ def batch_balanced_groups(counts, covs: np.ndarray, n_groups: int = 8, *, n_cell
     from .metrics import LogPCA
 
     covs = np.asarray(covs).reshape(len(covs), -1)
-    n = counts.shape[0]
+    n = X.shape[0]
     idx = np.sort(np.random.default_rng(seed).choice(n, min(n, n_cells), replace=False))
-    pcs = LogPCA(counts[idx], n_genes=n_genes, n_pcs=n_pcs)
-    shifts = []  # per key, the mean of each batch's components (sequential centring)
-    Z = pcs.scores.copy()
+    if counts:
+        pcs = LogPCA(X[idx], n_genes=n_genes, n_pcs=n_pcs)
+        embed, Z = pcs.transform, pcs.scores.copy()
+    else:
+        def embed(rows):
+            return np.asarray(rows, dtype=np.float64)
+        Z = embed(X[idx]).copy()
+    shifts = []  # per key, the mean of each batch (sequential centring)
     for j in range(covs.shape[1]):
         codes = covs[idx, j]
         means = np.zeros((int(covs[:, j].max()) + 1, Z.shape[1]))
@@ -263,7 +270,7 @@ def batch_balanced_groups(counts, covs: np.ndarray, n_groups: int = 8, *, n_cell
     out = np.empty(n, dtype=np.int64)
     for start in range(0, n, chunk):
         rows = np.arange(start, min(n, start + chunk))
-        Zr = pcs.transform(counts[rows])
+        Zr = embed(X[rows])
         for j, means in enumerate(shifts):
             Zr -= means[covs[rows, j]]
         out[rows] = km.predict(Zr)

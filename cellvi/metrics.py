@@ -162,5 +162,10 @@ class LogPCA:
         return X
 
     def transform(self, counts) -> np.ndarray:
-        Y = self._log_normalized(counts)[:, self.genes].toarray()
-        return self.pca.transform(Y) if self.pca is not None else Y
+        """Components of other cells, without densifying their counts (``PCA.transform``
+        written out: the data times the components minus the mean's projection)."""
+        Y = self._log_normalized(counts)[:, self.genes]
+        if self.pca is None:
+            return Y.toarray()
+        W = self.pca.components_.T
+        return np.asarray(Y @ W) - self.pca.mean_ @ W

@@ -35,7 +35,7 @@ _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge
                        "overcluster", "n_hidden", "n_layers", "dropout", "norm", "posterior",
                        "n_flows")
 _GMVAE_FIT_KWARGS = _FIT_KWARGS + ("warmup_epochs", "warmup_beta", "init", "n_init", "schedule",
-                                   "batch_penalty")
+                                   "batch_penalty", "penalty_groups")
 
 
 def _result_name(key_added: str, function: str) -> str:

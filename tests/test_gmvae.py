@@ -361,6 +361,26 @@ def test_batch_penalty_lowers_the_latents_batch_dependence_and_is_recorded():
     for bad in (-1.0, float("nan"), "10", True):
         with pytest.raises(ValueError, match="non-negative"):
             GMVAE(ad, batch_key="batch").fit(batch_penalty=bad, verbose=False, **FAST)
+    # aligned within groups of the batch-centred markers: the groups reach the penalty
+    seen = []
+    import cellvi.objectives as objectives
+
+    real = objectives.batch_mmd
+
+    def spy(z, covs, block=objectives.MMD_BLOCK, groups=None):
+        seen.append(None if groups is None else int(groups.max()) + 1)
+        return real(z, covs, block, groups)
+
+    objectives.batch_mmd = spy
+    try:
+        grouped = GMVAE(tiny, batch_key="batch", n_components=3, overcluster=False).fit(
+            verbose=False, max_epochs=2, warmup_epochs=1, penalty_groups=4)
+    finally:
+        objectives.batch_mmd = real
+    assert grouped.train_settings["penalty_groups"] == 4
+    assert seen and all(k is not None and k <= 4 for k in seen)
+    with pytest.raises(ValueError, match="penalty_groups"):
+        GMVAE(tiny, batch_key="batch").fit(penalty_groups=2.5, verbose=False, **FAST)
 
 
 def test_cluster_probabilities_of_a_cell_do_not_depend_on_the_other_cells(cyto, discovered):

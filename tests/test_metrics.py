@@ -37,3 +37,15 @@ def test_mixing_metrics_separate_mixed_from_split():
     assert ilisi(mixed, batch) > 0.85 and ilisi(split, batch) == 0.0
     assert ilisi(split, batch, scale=False) == pytest.approx(1.0)
     assert kbet_acceptance(mixed, batch) > 0.8 and kbet_acceptance(split, batch) == 0.0
+
+
+def test_log_pca_places_new_cells_as_sklearn_pca_transform_does():
+    import cellvi
+    from cellvi.metrics import LogPCA
+
+    ad = cellvi.datasets.synthetic_counts(600, 120, seed=0)
+    pcs = LogPCA(ad.X[:400], n_genes=80, n_pcs=5)
+    assert pcs.scores.shape == (400, 5) and len(pcs.genes) == 80
+    dense = pcs._log_normalized(ad.X[400:])[:, pcs.genes].toarray()
+    np.testing.assert_allclose(pcs.transform(ad.X[400:]), pcs.pca.transform(dense), atol=1e-10)
+    np.testing.assert_allclose(pcs.transform(ad.X[:400]), pcs.scores, atol=1e-10)

@@ -272,7 +272,7 @@ def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alon
     types, batch = types[~((types == 2) & (batch == 1))], batch[~((types == 2) & (batch == 1))]
     shared = types < 2
     out = {}
-    for name, weight, groups in (("none", 0.0, None), ("plain", 200.0, None), ("grouped", 200.0, 3)):
+    for name, weight, groups in (("none", 0.0, None), ("plain", 200.0, 0), ("grouped", 200.0, 3)):
         m = cellvi.models.NBVAE(ad, batch_key="batch", n_hidden=32)
         m.fit(max_epochs=15, batch_penalty=weight, penalty_groups=groups, kl_warmup_steps=20,
               verbose=False, seed=0)
@@ -281,7 +281,7 @@ def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alon
         within = float(batch_mmd(torch.as_tensor(z[shared]), torch.as_tensor(batch[shared])[:, None].long(),
                                  groups=torch.as_tensor(types[shared]).long()))
         out[name] = (missing, within)
-        assert m.train_settings["penalty_groups"] == (groups or 0)
+        assert m.train_settings["penalty_groups"] == (groups if weight else 0)
     # the plain penalty pulls the missing type towards batch 1's cells; the grouped one does not
     assert out["plain"][0] < out["none"][0] - 0.1
     assert out["grouped"][0] > out["plain"][0] + 0.1
@@ -289,6 +289,12 @@ def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alon
     assert out["grouped"][1] < out["plain"][1] < 0.5 * out["none"][1]
     with pytest.raises(cellvi.errors.InvalidInputError, match="penalty_groups"):
         cellvi.models.NBVAE(ad, batch_key="batch").fit(max_epochs=1, batch_penalty=1.0, penalty_groups=-2)
+    # by default a penalty aligns within PENALTY_GROUPS groups
+    from cellvi.models.nbvae import PENALTY_GROUPS
+
+    m = cellvi.models.NBVAE(ad, batch_key="batch", n_hidden=16).fit(max_epochs=1, batch_penalty=1.0,
+                                                                    verbose=False)
+    assert m.train_settings["penalty_groups"] == PENALTY_GROUPS == 8
 
 
 def test_batch_log_ratios_match_dense_proportions_without_copying_the_counts():

@@ -17,6 +17,7 @@ import torch
 from anndata import AnnData
 
 from .._settings import seeded
+from ..clustering import batch_balanced_groups
 from ..data import ContinuousData, check_finite, prepare_continuous, select_markers
 from ..decoders import ContinuousDecoder
 from ..device import DeviceData, DeviceMatrix
@@ -294,6 +295,7 @@ class GMVAE(Model):
         resume: bool = False,
         objective: str | ELBO = "elbo",
         batch_penalty: float | None = None,
+        penalty_groups: int | None = None,
         **train_kwargs: Any,
     ) -> GMVAE:
         """Train in four phases: warm-up, initialisation, mixture, merge-and-tune.
@@ -320,6 +322,11 @@ class GMVAE(Model):
                 ``batch_key``. ``None`` (default): :data:`BATCH_PENALTY` (100) for a model
                 with ``batch_key``, none without; ``0`` turns it off (the default before
                 cellvi 0.2; ``docs/design.md``, GMVAE batch penalty, has the measured effect).
+            penalty_groups: with a batch penalty, align the batches within this many
+                clusters of the standardised markers after each batch's mean is removed
+                (:func:`cellvi.clustering.batch_balanced_groups`), as in :meth:`NBVAE.fit`:
+                a population one batch lacks is not pulled towards that batch's cells.
+                ``None`` or ``0``: each batch is compared with all cells alike.
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`.
         """
         if init not in ("latent", "markers"):
@@ -337,7 +344,14 @@ class GMVAE(Model):
         if batch_penalty is None:
             batch_penalty = BATCH_PENALTY if self.settings["batch_keys"] else 0.0
         objective = self._objective(objective, batch_penalty)
+        penalty_groups = positive_int("penalty_groups", penalty_groups) if penalty_groups else 0
+        if not objective.batch_penalty:
+            penalty_groups = 0  # no penalty: no groups to align within
         arrays, data, seed = self._start_fit(seed, device)
+        if penalty_groups:
+            data.obs["mmd_groups"] = torch.as_tensor(batch_balanced_groups(
+                _Standardized(arrays.X, self._standardize), arrays.covs, penalty_groups,
+                counts=False, seed=seed), device=data.x.device)
         train_kwargs.setdefault("kl_warmup_steps", 0)  # the warm-up phase did that job
         # float32 gradients unless asked: the GMVAE's products are small (bfloat16 ones made a
         # step at batch 512 only ~6% faster) and its merges follow the training trajectory
@@ -353,7 +367,7 @@ class GMVAE(Model):
                                         config, warmup_epochs=warmup_epochs,
                                         warmup_beta=warmup_beta, init=init, n_init=n_init,
                                         schedule=dataclasses.asdict(schedule),
-                                        objective=repr(objective))
+                                        objective=repr(objective), penalty_groups=penalty_groups)
         run = _Run(self, arrays, data, config, schedule, np.random.default_rng(seed),
                    tuple(callbacks), checkpoint, objective)
         phases = [("warmup", warm_up(run, warmup_epochs, warmup_beta))]
@@ -366,7 +380,8 @@ class GMVAE(Model):
         self._finish_fit(max_epochs=max_epochs, warmup_epochs=warmup_epochs,
                          warmup_beta=warmup_beta, init=init, n_init=n_init,
                          schedule=dataclasses.asdict(schedule), objective=repr(run.objective),
-                         batch_penalty=float(objective.batch_penalty), batch_size=batch_size, lr=lr,
+                         batch_penalty=float(objective.batch_penalty),
+                         penalty_groups=penalty_groups, batch_size=batch_size, lr=lr,
                          seed=seed, device=str(self.device), **train_kwargs)
         return self
 
@@ -489,3 +504,13 @@ def _n_components(n_components: int | None, n_obs: int, overcluster: bool) -> tu
     if not overcluster:
         return k, k
     return k, max(k, min(max(3 * k, k + 4), DISCOVERY_COMPONENTS, n_obs // 20))
+
+
+class _Standardized:
+    """Rows of a marker matrix standardised on access (``view[idx]``), without a copy of all."""
+
+    def __init__(self, X: np.ndarray, standardize):
+        self.X, self.standardize, self.shape = X, standardize, X.shape
+
+    def __getitem__(self, idx) -> np.ndarray:
+        return self.standardize(self.X[idx])

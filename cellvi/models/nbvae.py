@@ -38,7 +38,7 @@ from ._persist import choice, flag, integer, number, text, texts
 logger = logging.getLogger("cellvi")
 
 __all__ = ["NBVAE", "NBVAEOutput", "batch_log_ratios", "default_batch_penalty", "BATCH_PENALTY",
-           "LARGE_BATCH_PENALTY", "PENALTY_CELLS", "SEPARATION_THRESHOLD"]
+           "LARGE_BATCH_PENALTY", "PENALTY_CELLS", "PENALTY_GROUPS", "SEPARATION_THRESHOLD"]
 
 #: the weight of ``fit``'s latent batch penalty on small data (``integration_panel_variants.md``:
 #: 100 was the setting at least the best peer on every ~1,000-cell panel set with every seed
@@ -56,6 +56,12 @@ PENALTY_CELLS = (1_000, 11_000)
 #: the panel's protocol batches lie at 0.95-1.00, the Kang donor batches (where the penalty
 #: lowers the cell-type ARI) at 0.14-0.18 (``docs/design.md``, NB-VAE batch penalty)
 SEPARATION_THRESHOLD = 0.5
+#: clusters within which ``fit``'s batch penalty aligns the batches by default
+#: (:func:`cellvi.clustering.batch_balanced_groups`): against the penalty on all cells alike,
+#: on the panel's protocol sets the type missing from one batch kept more of its own cluster
+#: (isolated-label score +0.02-0.03 at 1,000 cells, +0.01 at full size) and the scib Total
+#: rose on four of five sets (``integration_panel_groups_{1k,fullsize}.md``, seeds 0-2)
+PENALTY_GROUPS = 8
 
 
 def default_batch_penalty(n_obs: int) -> float:
@@ -280,8 +286,10 @@ class NBVAE(Model):
                 (:func:`cellvi.clustering.batch_balanced_groups`): each batch is compared
                 with all cells reweighted to its own mix of clusters, so that a cell type
                 one batch lacks is not pulled towards that batch's cells
-                (:func:`cellvi.objectives.batch_mmd` with ``groups``). ``None`` or ``0``:
-                each batch is compared with all cells alike.
+                (:func:`cellvi.objectives.batch_mmd` with ``groups``). ``None`` (default):
+                :data:`PENALTY_GROUPS` (8); ``0``: each batch is compared with all cells
+                alike (the default before 2026-12-07; ``docs/design.md``, NB-VAE batch
+                penalty, has both on the panel).
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
@@ -289,10 +297,13 @@ class NBVAE(Model):
         if batch_penalty is None:
             batch_penalty, separation = self._default_batch_penalty(self._require_data())
         objective = self._objective(objective, batch_penalty)
-        if penalty_groups is not None:
-            penalty_groups = positive_int("penalty_groups", penalty_groups) if penalty_groups else 0
+        if penalty_groups is None:
+            penalty_groups = PENALTY_GROUPS
+        penalty_groups = positive_int("penalty_groups", penalty_groups) if penalty_groups else 0
+        if not objective.batch_penalty:
+            penalty_groups = 0  # no penalty: no groups to align within
         arrays, data, seed = self._start_fit(seed, device)
-        if penalty_groups and objective.batch_penalty:
+        if penalty_groups:
             data.obs["mmd_groups"] = torch.as_tensor(
                 self._penalty_groups(arrays, penalty_groups, seed), device=data.x.device)
         train_kwargs.setdefault("large_data_cells", LARGE_DATA_CELLS)
@@ -301,13 +312,13 @@ class NBVAE(Model):
                                     **train_kwargs)
         checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
                                         config, objective=repr(objective),
-                                        penalty_groups=int(penalty_groups or 0))
+                                        penalty_groups=penalty_groups)
         self.history = train(self.module, data, config, objective=objective,
                              callbacks=callbacks, checkpoint=checkpoint)
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
                          objective=repr(objective), batch_penalty=float(objective.batch_penalty),
-                         batch_separation=separation, penalty_groups=int(penalty_groups or 0),
+                         batch_separation=separation, penalty_groups=penalty_groups,
                          **{**train_kwargs, "backward_precision": resolve_backward_precision(
                              config.backward_precision, self.device)})
         return self
@@ -315,8 +326,7 @@ class NBVAE(Model):
     @staticmethod
     def _penalty_groups(d: CountData, n_groups: int, seed: int) -> np.ndarray:
         """:func:`cellvi.clustering.batch_balanced_groups` of the training counts."""
-        rows = _RowReader(d.X) if isinstance(d.X, BackedRows) else d.X
-        return batch_balanced_groups(rows, d.covs, n_groups, seed=seed)
+        return batch_balanced_groups(_row_reader(d.X), d.covs, n_groups, seed=seed)
 
     @staticmethod
     def _default_batch_penalty(d: CountData) -> tuple[float, float | None]:
@@ -326,7 +336,7 @@ class NBVAE(Model):
             return 0.0, None
         n = d.X.shape[0]
         idx = np.sort(np.random.default_rng(0).choice(n, min(n, 5000), replace=False))
-        rows = sp.csr_matrix(d.X.matrix[idx]) if isinstance(d.X, BackedRows) else d.X[idx]
+        rows = _row_reader(d.X)[idx]
         seps = [batch_separation(rows, d.covs[idx, j], n_cells=len(idx))
                 for j in range(d.covs.shape[1])]
         seps = [v for v in seps if np.isfinite(v)]
@@ -404,6 +414,11 @@ class NBVAE(Model):
         s = self.settings
         return (f"NBVAE({len(self.var_names)} genes, n_latent={s['n_latent']}, "
                 f"likelihood={s['likelihood']!r}, batch_keys={s['batch_keys']}, {self._state()})")
+
+
+def _row_reader(X):
+    """``X`` itself, or for a backed matrix a reader of its rows by index (as CSR)."""
+    return _RowReader(X) if isinstance(X, BackedRows) else X
 
 
 class _RowReader:
