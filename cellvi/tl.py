@@ -135,7 +135,8 @@ def nbvae(
         verbose: progress bar.
         **model_kwargs: network settings (``dispersion``, ``n_hidden``, ``n_layers``,
             ``dropout``, ``norm``, ``input_scale``, ``encode_batch``: :class:`cellvi.models.NBVAE`),
-            ``batch_penalty`` (:meth:`cellvi.models.NBVAE.fit`) and training settings (``batch_size``, ``lr``,
+            ``batch_penalty``, ``penalty_groups`` (:meth:`cellvi.models.NBVAE.fit`) and training
+            settings (``batch_size``, ``lr``,
             ``kl_warmup_steps``, ``kl_weight``, ``patience``, ``validation_fraction``,
             ``callbacks``, ...: the fields of :class:`cellvi.train.TrainConfig`).
 
@@ -233,7 +234,8 @@ def gmvae(
             (``batch_size``, ``lr``, ``warmup_epochs``, ``schedule`` -- a
             :class:`cellvi.models.GMVAESchedule` of the phases' budgets, ``batch_penalty``
             -- the latent batch penalty of :meth:`cellvi.models.GMVAE.fit`, 100 by default
-            with a ``batch_key``, ``0`` turns it off, ``callbacks``,
+            with a ``batch_key``, ``0`` turns it off; ``penalty_groups`` -- align the batches
+            within groups of the batch-centred markers, off by default; ``callbacks``,
             ``patience``, ...).
 
     Returns:
