@@ -219,7 +219,7 @@ def group_medians(X: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray
 
 
 def batch_balanced_groups(X, covs: np.ndarray, n_groups: int = 8, *, counts: bool = True,
-                          n_cells: int = 20000, n_genes: int = 2000, n_pcs: int = 20,
+                          n_cells: int = 12000, n_genes: int = 2000, n_pcs: int = 20,
                           seed: int = 0, chunk: int = 50000) -> np.ndarray:
     """Coarse clusters of cells that hold cells of every batch where the batches share a
     cell type: k-means after each batch's mean is subtracted (for every column of ``covs``

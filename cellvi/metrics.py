@@ -152,20 +152,22 @@ class LogPCA:
         self.scores = self.pca.transform(Y) if self.pca is not None else Y
 
     @staticmethod
-    def _log_normalized(counts):
+    def _log_normalized(counts, dtype=np.float64):
         import scipy.sparse as sp
 
-        X = sp.csr_matrix(counts, dtype=np.float64)
-        lib = np.asarray(X.sum(1)).ravel()
-        X = sp.csr_matrix(sp.diags(1e4 / np.maximum(lib, 1.0)) @ X)
-        X.data = np.log1p(X.data)
+        X = sp.csr_matrix(counts, dtype=dtype, copy=True)
+        lib = np.asarray(X.sum(1), dtype=np.float64).ravel()
+        X.data *= np.repeat(1e4 / np.maximum(lib, 1.0), np.diff(X.indptr)).astype(dtype)
+        np.log1p(X.data, out=X.data)
         return X
 
     def transform(self, counts) -> np.ndarray:
-        """Components of other cells, without densifying their counts (``PCA.transform``
-        written out: the data times the components minus the mean's projection)."""
-        Y = self._log_normalized(counts)[:, self.genes]
+        """Components of other cells (``PCA.transform`` written out, in ``float32`` and
+        without densifying their counts: the data times the components, with zero rows for
+        the genes not used, minus the mean's projection)."""
         if self.pca is None:
-            return Y.toarray()
-        W = self.pca.components_.T
-        return np.asarray(Y @ W) - self.pca.mean_ @ W
+            return self._log_normalized(counts)[:, self.genes].toarray()
+        W = np.zeros((counts.shape[1], self.pca.n_components_), dtype=np.float32)
+        W[self.genes] = self.pca.components_.T
+        Y = self._log_normalized(counts, np.float32)
+        return np.asarray(Y @ W, dtype=np.float64) - self.pca.mean_ @ self.pca.components_.T

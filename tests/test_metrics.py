@@ -47,5 +47,5 @@ def test_log_pca_places_new_cells_as_sklearn_pca_transform_does():
     pcs = LogPCA(ad.X[:400], n_genes=80, n_pcs=5)
     assert pcs.scores.shape == (400, 5) and len(pcs.genes) == 80
     dense = pcs._log_normalized(ad.X[400:])[:, pcs.genes].toarray()
-    np.testing.assert_allclose(pcs.transform(ad.X[400:]), pcs.pca.transform(dense), atol=1e-10)
-    np.testing.assert_allclose(pcs.transform(ad.X[:400]), pcs.scores, atol=1e-10)
+    np.testing.assert_allclose(pcs.transform(ad.X[400:]), pcs.pca.transform(dense), atol=1e-4)
+    np.testing.assert_allclose(pcs.transform(ad.X[:400]), pcs.scores, atol=1e-4)
