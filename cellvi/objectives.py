@@ -103,7 +103,7 @@ def batch_mmd(z: torch.Tensor, covs: torch.Tensor, block: int = MMD_BLOCK,
     2,048 cells is penalised as four batches of 512 would be.
 
     With ``groups`` (one integer label per cell, e.g. clusters that hold cells of every
-    batch, :func:`cellvi.metrics.batch_balanced_groups`), each category is compared with all
+    batch, :func:`cellvi.clustering.batch_balanced_groups`), each category is compared with all
     the cells *reweighted to the category's own mix of groups* (within the block): a group
     that a batch lacks (a cell type missing from it) is left out of that batch's target, so
     composition that differs between batches is not penalised, only the batch's difference

@@ -80,6 +80,14 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
+def penalty_groups_setting(value, batch_penalty: float, default: int = 0) -> int:
+    """The groups ``fit``'s batch penalty aligns within (``penalty_groups``): ``default`` for
+    ``None``, ``0`` (none) without a penalty, else checked as a positive int."""
+    value = default if value is None else value
+    value = positive_int("penalty_groups", value) if value else 0
+    return value if batch_penalty else 0
+
+
 def boolean(name: str, value) -> bool:
     """``value`` as a bool (numpy booleans too), or a clear error naming the setting."""
     if not isinstance(value, (bool, np.bool_)):

@@ -33,6 +33,7 @@ from ._base import (
     check_trainable,
     deterministic,
     make_encoder,
+    penalty_groups_setting,
     positive_int,
 )
 from ._gmvae_phases import (
@@ -344,9 +345,7 @@ class GMVAE(Model):
         if batch_penalty is None:
             batch_penalty = BATCH_PENALTY if self.settings["batch_keys"] else 0.0
         objective = self._objective(objective, batch_penalty)
-        penalty_groups = positive_int("penalty_groups", penalty_groups) if penalty_groups else 0
-        if not objective.batch_penalty:
-            penalty_groups = 0  # no penalty: no groups to align within
+        penalty_groups = penalty_groups_setting(penalty_groups, objective.batch_penalty)
         arrays, data, seed = self._start_fit(seed, device)
         if penalty_groups:
             data.obs["mmd_groups"] = torch.as_tensor(batch_balanced_groups(

@@ -31,6 +31,7 @@ from ._base import (
     check_trainable,
     deterministic,
     make_encoder,
+    penalty_groups_setting,
     positive_int,
 )
 from ._persist import choice, flag, integer, number, text, texts
@@ -297,11 +298,7 @@ class NBVAE(Model):
         if batch_penalty is None:
             batch_penalty, separation = self._default_batch_penalty(self._require_data())
         objective = self._objective(objective, batch_penalty)
-        if penalty_groups is None:
-            penalty_groups = PENALTY_GROUPS
-        penalty_groups = positive_int("penalty_groups", penalty_groups) if penalty_groups else 0
-        if not objective.batch_penalty:
-            penalty_groups = 0  # no penalty: no groups to align within
+        penalty_groups = penalty_groups_setting(penalty_groups, objective.batch_penalty, PENALTY_GROUPS)
         arrays, data, seed = self._start_fit(seed, device)
         if penalty_groups:
             data.obs["mmd_groups"] = torch.as_tensor(
