@@ -124,18 +124,20 @@ def _mmd_block(z: torch.Tensor, covs: torch.Tensor, groups: torch.Tensor | None 
     n, dim = z.shape
     K = sum(torch.exp(-d2 / (s * dim)) for s in MMD_SCALES)
     total = z.new_zeros(())
-    G = None if groups is None else torch.nn.functional.one_hot(groups).to(z.dtype)  # n x groups
+    if groups is not None:
+        G = torch.nn.functional.one_hot(groups).to(z.dtype)  # n x groups
+        group_cells = G.sum(0).clamp_min(1.0)[:, None]
     for j in range(covs.shape[1]):
         onehot = torch.nn.functional.one_hot(covs[:, j]).to(z.dtype)  # n x categories
         counts = onehot.sum(0)
         # categories with fewer than 2 cells here get weight 0 (masks, not boolean indexing:
         # no host synchronisation); a single batch gives W = 0, so no penalty
         weight = counts * (counts >= 2)
-        if G is None:
+        if groups is None:
             target = 1.0 / n  # every cell alike
         else:  # cell i's weight in batch b's target: b's share of i's group / the group's cells
             share = (G.T @ onehot) / counts.clamp_min(1.0)  # groups x categories
-            target = G @ (share / G.sum(0).clamp_min(1.0)[:, None])  # n x categories, columns sum to 1
+            target = G @ (share / group_cells)  # n x categories, columns sum to 1
         W = onehot / counts.clamp_min(1.0) - target  # columns: mean of batch b minus its target
         mmd2 = ((K @ W) * W).sum(0).clamp_min(0.0)
         total = total + (mmd2 * weight).sum() / weight.sum().clamp_min(1.0)

@@ -268,8 +268,8 @@ def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alon
 
     types = sim_adata.obs["group"].cat.codes.to_numpy()
     batch = sim_adata.obs["batch"].cat.codes.to_numpy()
-    ad = sim_adata[~((types == 2) & (batch == 1))].copy()  # type 2 missing from batch 1
-    types, batch = types[~((types == 2) & (batch == 1))], batch[~((types == 2) & (batch == 1))]
+    keep = ~((types == 2) & (batch == 1))  # type 2 missing from batch 1
+    ad, types, batch = sim_adata[keep].copy(), types[keep], batch[keep]
     shared = types < 2
     out = {}
     for name, weight, groups in (("none", 0.0, None), ("plain", 200.0, 0), ("grouped", 200.0, 3)):
