@@ -19,8 +19,12 @@ and its sums reduced, so early stopping decides the same everywhere; BatchNorm r
 statistics are taken from rank 0 after each epoch. ``batch_size`` is the *global* mini-batch:
 raise it with the number of processes to keep each one busy.
 
-After ``fit`` every process holds the trained model and ``transform`` runs on each; write
-results from one process only (:func:`is_main_process`).
+After ``fit`` every process holds the trained model. The per-cell passes after it (``elbo``,
+``latent_and_elbo``, ``GMVAE.transform_and_elbo``: what the ``tl`` functions write) are split
+the same way, each process computing a contiguous share of the cells that
+:func:`gather_rows` puts back together, so every process returns every cell; their Monte
+Carlo draws then differ from a single process's (each share starts from the same seed).
+Write results from one process only (:func:`is_main_process`).
 """
 
 from __future__ import annotations
@@ -115,6 +119,23 @@ def shard(idx: torch.Tensor) -> torch.Tensor:
     """This process's contiguous share of ``idx`` (all of it without a group)."""
     rank, size = world()
     return idx if size == 1 else torch.tensor_split(idx, size)[rank]
+
+
+def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
+    """Every process's rows, in rank order: the inverse of :func:`shard` applied to
+    ``arange(n_total)`` (``local`` is this process's share; without a group it is returned)."""
+    if not active():
+        return local
+    rank, size = world()
+    sizes = [len(s) for s in torch.tensor_split(torch.arange(n_total), size)]
+    if len(local) != sizes[rank]:
+        raise ValueError(f"process {rank} holds {len(local)} rows, its share is {sizes[rank]}")
+    buf = local.new_zeros((max(sizes), *local.shape[1:]))
+    buf[: len(local)] = local
+    moved = _on_backend(buf)
+    parts = [torch.empty_like(moved) for _ in range(size)]
+    dist.all_gather(parts, moved)
+    return torch.cat([part[:k].to(local.device) for part, k in zip(parts, sizes, strict=True)])
 
 
 def average_gradients(module: nn.Module) -> None:

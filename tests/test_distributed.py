@@ -36,6 +36,10 @@ def test_two_gloo_processes_train_one_model_with_the_single_process_elbo(tmp_pat
     # one model: identical weights and history on both processes
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["validation_elbo"] == ranks[1]["validation_elbo"]
+    # the per-cell pass after training is split over the processes and gathered: every
+    # process returns every cell, the same values
+    assert ranks[0]["elbo_cells"] == ranks[0]["n_obs"] == ranks[1]["elbo_cells"]
+    assert ranks[0]["elbo_hash"] == ranks[1]["elbo_hash"]
     # the same ELBO as one process, within the seed-to-seed spread of one process
     spread = abs(single[0]["elbo"] - single[1]["elbo"])
     lo, hi = min(s["elbo"] for s in single), max(s["elbo"] for s in single)
@@ -43,11 +47,21 @@ def test_two_gloo_processes_train_one_model_with_the_single_process_elbo(tmp_pat
     assert ranks[0]["validation_elbo"][-1] > ranks[0]["validation_elbo"][0] + 5  # it trained
 
 
+def test_gather_rows_undoes_shard_across_two_processes(tmp_path):
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+          str(tmp_path / "g"), "0", "gather"], tmp_path)
+    ranks = [json.loads((tmp_path / "g" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["size"] for r in ranks] == [2, 2]
+    assert all(r["equal"] and r["shape"] == [11, 3] for r in ranks), ranks
+
+
 def test_without_a_launcher_nothing_changes():
     assert distributed.world() == (0, 1) and distributed.is_main_process()
     assert not distributed.active()
     idx = torch.arange(10)
     assert distributed.shard(idx) is idx
+    rows = torch.ones(4, 2)
+    assert distributed.gather_rows(rows, 4) is rows
     assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
 
 
@@ -61,7 +75,8 @@ def test_two_gloo_processes_train_one_gmvae_equivalent_to_one_process(tmp_path):
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     single = [json.loads((tmp_path / f"single{s}" / "rank0.json").read_text()) for s in (0, 1)]
     assert [r["size"] for r in ranks] == [2, 2]
-    for key in ("weights", "n_components", "n_clusters", "merges", "validation_elbo"):
+    for key in ("weights", "n_components", "n_clusters", "merges", "validation_elbo",
+                "elbo_hash"):
         assert ranks[0][key] == ranks[1][key], key  # one model on both processes
     assert ranks[0]["n_components"][0] == 30 and ranks[0]["n_components"][-1] < 10  # it pruned
     # an equivalent model: the populations found, the ELBO within the single runs' spread

@@ -274,15 +274,20 @@ class Model(ABC):
             return self.module.encode(batch)
 
     def _per_cell(self, adata: AnnData, fn, *, seed: int, batch_size: int) -> np.ndarray:
-        """``fn(batch)`` for every mini-batch of the cells of ``adata``, concatenated."""
+        """``fn(batch)`` for every mini-batch of the cells of ``adata``, concatenated. In a
+        data-parallel run (:mod:`cellvi.distributed`) each process computes its contiguous
+        share of the cells and every process gets all of them back."""
         self._require_trained()
         data = self._to_device(self._prepare(adata), self.device)
         self.module.eval()
+        idx = torch.arange(data.n_obs)
+        split = distributed.active() and data.n_obs >= distributed.world()[1]
         out = []
         with seeded(check_seed(seed), self.device):
-            for batch in data.iter_batches(torch.arange(data.n_obs), batch_size):
+            for batch in data.iter_batches(distributed.shard(idx) if split else idx, batch_size):
                 out.append(fn(batch).detach().cpu())
-        return torch.cat(out).numpy()
+        out = torch.cat(out)
+        return (distributed.gather_rows(out, data.n_obs) if split else out).numpy()
 
     @deterministic
     def get_latent(self, adata: AnnData, *, mean: bool = True, seed: int = 0,
