@@ -158,6 +158,7 @@ def kmeans_over_inits(adata, keys: list[str], n_inits: int) -> dict:
     0..n_inits-1 and the scores are averaged: the expectation over the metric's own
     randomness, the same for every method.
     """
+    import jax
     from scib_metrics.utils import KMeans
     from scib_metrics.utils._utils import validate_seed
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -176,6 +177,10 @@ def kmeans_over_inits(adata, keys: list[str], n_inits: int) -> dict:
             ari.append(adjusted_rand_score(labels, pred))
         out[key] = dict(nmi=float(np.mean(nmi)), nmi_min=float(np.min(nmi)),
                         ari=float(np.mean(ari)))
+        # each instance's jitted run stays compiled until the caches are cleared; over a few
+        # datasets of one process LLVM then fails to map memory for new code
+        del km
+        jax.clear_caches()
     return out
 
 
