@@ -521,16 +521,25 @@ def _yn(b) -> str:
 
 
 def _cellvi_summary(res: dict, L: list[str]) -> None:
+    km = all("kmeans_mean" in d["summary"] for d in res["datasets"])
+    extra = (" Total, k-means mean | its best peer | its margin | seeds below control (k-means "
+             "mean) |") if km else ""
     L.append("| dataset | cellvi Total (mean) | best peer | peer Total | margin | "
-                 "cellvi seeds below control |")
-    L.append("|---|---|---|---|---|---|")
+             "cellvi seeds below control |" + extra)
+    L.append("|---|---|---|---|---|---|" + ("---|" * 4 if km else ""))
     for d in res["datasets"]:
         s = d["summary"]
         per = s["per_method"]
-        L.append(f"| {d['dataset']} | {per[CELLVI]['Total']['mean']:.3f} | "
-                 f"{s['best_peer']} | {per[s['best_peer']]['Total']['mean']:.3f} | "
-                 f"{s['cellvi_margin_to_best_peer']:+.3f} | "
-                 f"{_seeds(s['cellvi_seeds_below_control'])} |")
+        row = (f"| {d['dataset']} | {per[CELLVI]['Total']['mean']:.3f} | "
+               f"{s['best_peer']} | {per[s['best_peer']]['Total']['mean']:.3f} | "
+               f"{s['cellvi_margin_to_best_peer']:+.3f} | "
+               f"{_seeds(s['cellvi_seeds_below_control'])} |")
+        if km:
+            c = s["kmeans_mean"][CELLVI]
+            row += (f" {per[CELLVI][KM_TOTAL]['mean']:.3f} | {c['best_peer']} "
+                    f"{per[c['best_peer']][KM_TOTAL]['mean']:.3f} | "
+                    f"{c['margin_to_best_peer']:+.3f} | {_seeds(c['seeds_below_control'])} |")
+        L.append(row)
     L.append("")
 
 
