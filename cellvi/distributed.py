@@ -29,6 +29,7 @@ Write results from one process only (:func:`is_main_process`).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import timedelta
@@ -77,11 +78,25 @@ def setup(device: torch.device) -> torch.device:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        # the group cellvi opened, cellvi closes: a gloo group left to the interpreter's
+        # teardown can abort the process at exit ("terminate called without an active
+        # exception"), most often right after a collective such as gather_rows
+        atexit.register(_close)
         logger.info("joined a process group of %d (%s), rank %d", dist.get_world_size(),
                     backend, dist.get_rank())
     if device.type == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return device
+
+
+def _close() -> None:
+    """Leave the process group at exit (registered by :func:`setup` when it joined one): wait
+    for every process, then close, so that no process tears its connections down while
+    another still uses them. (Under torchrun a process that fails takes the others down by
+    signal, which skips this.)"""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # -- what the training loop calls (no-ops without a group of several processes) --------------
