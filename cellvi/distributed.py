@@ -20,8 +20,8 @@ statistics are taken from rank 0 after each epoch. ``batch_size`` is the *global
 raise it with the number of processes to keep each one busy.
 
 After ``fit`` every process holds the trained model. The per-cell passes after it (``elbo``,
-``latent_and_elbo``, ``GMVAE.transform_and_elbo``: what the ``tl`` functions write) are split
-the same way, each process computing a contiguous share of the cells that
+``latent_and_elbo``, ``GMVAE.transform`` and ``transform_and_elbo``: what the ``tl`` functions
+write) are split the same way, each process computing a contiguous share of the cells that
 :func:`gather_rows` puts back together, so every process returns every cell; their Monte
 Carlo draws then differ from a single process's (each share starts from the same seed).
 Write results from one process only (:func:`is_main_process`).
