@@ -19,8 +19,8 @@ from torch.distributions import Distribution, kl_divergence
 
 from .distributions import CellLikelihood
 
-__all__ = ["log_likelihood", "kl", "elbo", "iwae", "batch_mmd", "ELBO", "IWAE", "LinearWarmup",
-           "Constant", "as_objective"]
+__all__ = ["log_likelihood", "kl", "elbo", "iwae", "batch_mmd", "BatchAdversary", "ELBO", "IWAE",
+           "LinearWarmup", "Constant", "as_objective"]
 
 
 def log_likelihood(px: Distribution, x: torch.Tensor, nonzero=None) -> torch.Tensor:
@@ -144,6 +144,85 @@ def _mmd_block(z: torch.Tensor, covs: torch.Tensor, groups: torch.Tensor | None 
     return total / covs.shape[1]
 
 
+def _batch_targets(onehot: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """Each cell's batch distribution that carries no information beyond its group: the
+    mini-batch's share of each category (without groups), or the share of each category
+    among the cells of the cell's group. ``n x categories``, rows summing to 1."""
+    if groups is None:
+        return onehot.mean(0, keepdim=True).expand_as(onehot)
+    G = torch.nn.functional.one_hot(groups).to(onehot.dtype)
+    share = (G.T @ onehot) / G.sum(0).clamp_min(1.0)[:, None]  # groups x categories
+    return G @ share
+
+
+class BatchAdversary(torch.nn.Module):
+    """A classifier of the batch from the latent means, the alternative to :func:`batch_mmd`
+    (domain-adversarial training, Ganin et al. 2016; scvi-tools' ``adversarial_classifier``).
+
+    Each training step, :meth:`update` takes one Adam step of the classifier on the
+    *detached* means (cross-entropy with the true categories), then :meth:`penalty` gives the
+    encoder's term: the cross-entropy of the classifier's prediction against the batch
+    distribution that carries no information, ``KL(target || q(b | z))`` up to a constant.
+    Without groups the target is the mini-batch's batch shares (the latent should not tell
+    the batches apart); with ``groups`` the classifier also sees the cell's group (one-hot)
+    and the target is the batch shares *within that group*, so a cell type that one batch
+    lacks is not pushed towards that batch (the conditional adversary of domain adaptation
+    under label shift). Zero gradient for the encoder once the classifier can do no better
+    than the target.
+
+    Args:
+        n_latent: the latent's dimension.
+        n_categories: categories of each batch key.
+        n_groups: groups the classifier also sees (0: none).
+        n_hidden: width of the classifier's one hidden layer.
+        lr: its Adam learning rate.
+        seed: seeds its initial weights (torch's global generator is left as it was).
+        steps: its Adam steps per training step.
+    """
+
+    def __init__(self, n_latent: int, n_categories: list[int], n_groups: int = 0,
+                 n_hidden: int = 64, lr: float = 1e-3, seed: int = 0, steps: int = 1):
+        super().__init__()
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(n_latent + n_groups, n_hidden),
+                                       torch.nn.ReLU(), torch.nn.Linear(n_hidden, sum(n_categories)))
+        torch.random.set_rng_state(generator_state)
+        self.n_categories, self.n_groups, self.steps = list(n_categories), n_groups, steps
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+
+    def _logits(self, z: torch.Tensor, groups: torch.Tensor | None) -> list[torch.Tensor]:
+        if self.n_groups:
+            z = torch.cat([z, torch.nn.functional.one_hot(groups, self.n_groups).to(z.dtype)], 1)
+        return list(self.net(z).split(self.n_categories, dim=1))
+
+    def update(self, z: torch.Tensor, covs: torch.Tensor, groups: torch.Tensor | None = None) -> float:
+        """One Adam step of the classifier on ``z`` (detached); returns its cross-entropy."""
+        self.train()
+        with torch.enable_grad():
+            for _ in range(self.steps):
+                logits = self._logits(z.detach().float(), groups)
+                loss = sum(torch.nn.functional.cross_entropy(lg, covs[:, j])
+                           for j, lg in enumerate(logits)) / len(logits)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+        return loss.detach()
+
+    def penalty(self, z: torch.Tensor, covs: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's term (differentiable in ``z``; the classifier's gradients are
+        discarded by its next :meth:`update`): per key, the mean over cells of
+        ``KL(target || q(b | z))``, averaged over keys."""
+        total = z.new_zeros(())
+        for j, lg in enumerate(self._logits(z, groups)):
+            onehot = torch.nn.functional.one_hot(covs[:, j], self.n_categories[j]).to(z.dtype)
+            target = _batch_targets(onehot, groups)
+            log_q = torch.log_softmax(lg, dim=1)
+            kl_b = (target * (torch.log(target.clamp_min(1e-12)) - log_q)).sum(1)
+            total = total + kl_b.mean()
+        return total / len(self.n_categories)
+
+
 @dataclass(frozen=True)
 class LinearWarmup:
     """β rises linearly from ``start`` to ``end`` over ``n_steps`` optimiser **steps**.
@@ -191,11 +270,23 @@ class ELBO:
             the batch: ``λ β batch_mmd(posterior means, batch codes)`` (:func:`batch_mmd`),
             annealed with the KL warm-up's β. ``0`` (default): the plain ELBO. Validation
             and the history report the ELBO without it.
+        adversary: with ``batch_penalty``, a :class:`BatchAdversary` whose
+            :meth:`~BatchAdversary.penalty` replaces :func:`batch_mmd` (``None``: the MMD).
     """
 
     beta: Callable[[int], float] | None = None
     prior: torch.nn.Module | None = None
     batch_penalty: float = 0.0
+    adversary: BatchAdversary | None = None
+
+    def penalty(self, qz, batch) -> torch.Tensor:
+        """The unweighted batch penalty of the latent means of a mini-batch."""
+        groups = batch.get("mmd_groups")
+        if self.adversary is None:
+            return batch_mmd(qz.mean, batch["covs"], groups=groups)
+        if torch.is_grad_enabled():  # a training step: the classifier learns first
+            self.adversary.update(qz.mean, batch["covs"], groups)
+        return self.adversary.penalty(qz.mean, batch["covs"], groups)
 
     def terms(self, module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p(x|z), KL)`` per cell, from one reparameterised sample."""
@@ -205,8 +296,7 @@ class ELBO:
         """``(loss, log p(x|z), KL)``: the scalar to minimise and its per-cell parts."""
         if self.batch_penalty and batch.get("covs") is not None:
             log_px, kl_z, qz = module.elbo_terms(batch, prior=self.prior, with_posterior=True)
-            penalty = self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"],
-                                                            groups=batch.get("mmd_groups"))
+            penalty = self.batch_penalty * beta * self.penalty(qz, batch)
         else:
             log_px, kl_z = self.terms(module, batch)
             penalty = 0.0
@@ -236,8 +326,7 @@ class IWAE(ELBO):
         bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(self.n_samples)
         loss = -bound.mean()
         if self.batch_penalty and batch.get("covs") is not None:
-            loss = loss + self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"],
-                                                                groups=batch.get("mmd_groups"))
+            loss = loss + self.batch_penalty * beta * self.penalty(qz, batch)
         hyper = (self.prior or module.prior).log_hyperprior(n_obs)
         if hyper is not None:
             loss = loss - hyper / n_obs

@@ -29,7 +29,7 @@ _MODEL_KWARGS = ("dispersion", "n_hidden", "n_layers", "dropout", "norm", "input
                  "posterior", "n_flows", "encode_batch")
 _FIT_KWARGS = tuple(k for k in TRAIN_KEYS if k != "max_epochs") + (
     "callbacks", "objective", "checkpoint_dir", "checkpoint_every", "resume")
-_NBVAE_FIT_KWARGS = _FIT_KWARGS + ("batch_penalty", "penalty_groups")
+_NBVAE_FIT_KWARGS = _FIT_KWARGS + ("batch_penalty", "penalty_groups", "penalty")
 
 _GMVAE_MODEL_KWARGS = ("markers", "prune", "sparsity", "prune_threshold", "merge_threshold",
                        "overcluster", "n_hidden", "n_layers", "dropout", "norm", "posterior",

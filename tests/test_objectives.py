@@ -211,3 +211,44 @@ def _weighted_mmd2(x, y, w, scales, dim):
         return sum(torch.exp(-d2 / (s * dim)) for s in scales)
     u = torch.full((len(x),), 1.0 / len(x))
     return float(u @ k(x, x) @ u - 2 * u @ k(x, y) @ w + w @ k(y, y) @ w)
+
+
+def test_batch_adversary_learns_the_batch_and_its_penalty_is_the_kl_to_the_uninformed_target():
+    from cellvi.objectives import BatchAdversary
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(60, 3, generator=g)  # type A in both batches, batch 1 shifted
+    b = torch.randn(40, 3, generator=g) + 4.0  # type B only in batch 0
+    z = torch.cat([a, b, a + 2.0])
+    codes = torch.cat([torch.zeros(100, dtype=torch.long), torch.ones(60, dtype=torch.long)])[:, None]
+    types = torch.cat([torch.zeros(60), torch.ones(40), torch.zeros(60)]).long()
+    adv = BatchAdversary(3, [2], n_groups=2, n_hidden=16, lr=1e-2, seed=0)
+    first = float(adv.update(z, codes, types))
+    for _ in range(300):
+        last = float(adv.update(z, codes, types))
+    assert last < 0.3 * first  # the shift of batch 1 within type A is learnt
+    # the penalty is the mean KL(target || q(b | z, g)), written out: type B's target is batch 0
+    # alone, type A's the batches' 50/50 share of A
+    zz = z.clone().requires_grad_(True)
+    got = adv.penalty(zz, codes, types)
+    q = torch.softmax(adv.net(torch.cat([z, torch.nn.functional.one_hot(types, 2).float()], 1)), 1)
+    t = torch.where(types[:, None] == 1, torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]))
+    ref = (t * (torch.log(t.clamp_min(1e-12)) - torch.log(q))).sum(1).mean()
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    assert float(got.detach()) > 0.2  # the classifier tells the batches apart: the encoder is pushed
+    got.backward()
+    assert zz.grad[:60].abs().sum() > 0 and zz.grad[100:].abs().sum() > 0
+    # cells of a type one batch holds alone: their target is that batch, which the classifier
+    # already predicts, so they are (almost) not pushed
+    assert zz.grad[60:100].abs().mean() < 0.05 * zz.grad[100:].abs().mean()
+    # without groups the target is the mini-batch's batch shares, whatever the cell
+    plain = BatchAdversary(3, [2], seed=0)
+    p = torch.softmax(plain.net(z), 1)
+    t0 = torch.tensor([100 / 160, 60 / 160])
+    ref0 = (t0 * (torch.log(t0) - torch.log(p))).sum(1).mean()
+    assert float(plain.penalty(z, codes).detach()) == pytest.approx(float(ref0.detach()), rel=1e-5)
+    # the same seed gives the same classifier, and building it leaves torch's global generator alone
+    state = torch.random.get_rng_state()
+    again = BatchAdversary(3, [2], seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(u, v) for u, v in zip(plain.state_dict().values(), again.state_dict().values(), strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
 from ..errors import InvalidInputError, MissingKeyError
 from ..metrics import batch_separation
-from ..objectives import ELBO
+from ..objectives import ELBO, BatchAdversary
 from ..posteriors import POSTERIORS
 from ..priors import StandardNormal
 from ..train import LARGE_DATA_CELLS, resolve_backward_precision, train
@@ -246,6 +247,7 @@ class NBVAE(Model):
         objective: str | ELBO = "elbo",
         batch_penalty: float | None = None,
         penalty_groups: int | None = None,
+        penalty: str = "mmd",
         **train_kwargs: Any,
     ) -> NBVAE:
         """Train on the AnnData given at construction.
@@ -291,9 +293,15 @@ class NBVAE(Model):
                 :data:`PENALTY_GROUPS` (8); ``0``: each batch is compared with all cells
                 alike (the default before 2026-12-07; ``docs/design.md``, NB-VAE batch
                 penalty, has both on the panel).
+            penalty: what measures the latent's dependence on the batch: ``"mmd"``
+                (default, :func:`cellvi.objectives.batch_mmd`) or ``"adversary"`` (a
+                classifier of the batch trained alongside, :class:`cellvi.objectives.BatchAdversary`;
+                with ``penalty_groups`` it also sees the cell's group).
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
+        if penalty not in ("mmd", "adversary"):
+            raise InvalidInputError(f"penalty must be 'mmd' or 'adversary', got {penalty!r}")
         separation = None
         if batch_penalty is None:
             batch_penalty, separation = self._default_batch_penalty(self._require_data())
@@ -303,6 +311,11 @@ class NBVAE(Model):
         if penalty_groups:
             data.obs["mmd_groups"] = torch.as_tensor(
                 self._penalty_groups(arrays, penalty_groups, seed), device=data.x.device)
+        if penalty == "adversary" and objective.batch_penalty:
+            adversary = BatchAdversary(
+                self.settings["n_latent"], [len(self.categories[k]) for k in self.settings["batch_keys"]],
+                n_groups=penalty_groups, seed=seed).to(self.device)
+            objective = dataclasses.replace(objective, adversary=adversary)
         train_kwargs.setdefault("large_data_cells", LARGE_DATA_CELLS)
         config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
                                     batch_size=batch_size, lr=lr, kl_weight=kl_weight,
@@ -316,6 +329,7 @@ class NBVAE(Model):
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
                          objective=repr(objective), batch_penalty=float(objective.batch_penalty),
                          batch_separation=separation, penalty_groups=penalty_groups,
+                         penalty=penalty,
                          **{**train_kwargs, "backward_precision": resolve_backward_precision(
                              config.backward_precision, self.device)})
         return self
