@@ -87,6 +87,9 @@ MMD_SCALES = (0.2, 1.0, 5.0)
 #: biased V-statistic, whose bias shrinks with the cells compared) does not depend on it
 MMD_BLOCK = 512
 
+#: what :class:`ELBO`'s batch penalty measures: :func:`batch_mmd` or a :class:`BatchAdversary`
+PENALTIES = ("mmd", "adversary")
+
 
 def batch_mmd(z: torch.Tensor, covs: torch.Tensor, block: int = MMD_BLOCK,
               groups: torch.Tensor | None = None) -> torch.Tensor:
@@ -159,69 +162,74 @@ class BatchAdversary(torch.nn.Module):
     """A classifier of the batch from the latent means, the alternative to :func:`batch_mmd`
     (domain-adversarial training, Ganin et al. 2016; scvi-tools' ``adversarial_classifier``).
 
-    Each training step, :meth:`update` takes one Adam step of the classifier on the
-    *detached* means (cross-entropy with the true categories), then :meth:`penalty` gives the
-    encoder's term: the cross-entropy of the classifier's prediction against the batch
-    distribution that carries no information, ``KL(target || q(b | z))`` up to a constant.
-    Without groups the target is the mini-batch's batch shares (the latent should not tell
-    the batches apart); with ``groups`` the classifier also sees the cell's group (one-hot)
-    and the target is the batch shares *within that group*, so a cell type that one batch
-    lacks is not pushed towards that batch (the conditional adversary of domain adaptation
-    under label shift). Zero gradient for the encoder once the classifier can do no better
-    than the target.
+    It is a submodule of the VAE while it trains (``module.batch_adversary``), so the one
+    optimiser, the checkpoints, the NaN roll-back and the gradient averaging of a
+    data-parallel run all cover it. :meth:`forward` gives two terms of the loss:
+
+    - the classifier's cross-entropy on the *detached* means (its parameters learn to tell
+      the batches apart; the encoder is not moved by it);
+    - the encoder's penalty, computed through a detached copy of the classifier's parameters
+      (the classifier is not moved by it): the cross-entropy of its prediction against the
+      batch distribution that carries no information, ``KL(target || q(b | z))``. Without
+      groups the target is the mini-batch's batch shares; with ``groups`` the classifier
+      also sees the cell's group (one-hot) and the target is the batch shares *within that
+      group*, so a cell type that one batch lacks is not pushed towards that batch (the
+      conditional adversary of domain adaptation under label shift). The encoder's gradient
+      vanishes once the classifier can do no better than the target.
 
     Args:
         n_latent: the latent's dimension.
         n_categories: categories of each batch key.
         n_groups: groups the classifier also sees (0: none).
         n_hidden: width of the classifier's one hidden layer.
-        lr: its Adam learning rate.
         seed: seeds its initial weights (torch's global generator is left as it was).
-        steps: its Adam steps per training step.
     """
 
     def __init__(self, n_latent: int, n_categories: list[int], n_groups: int = 0,
-                 n_hidden: int = 64, lr: float = 1e-3, seed: int = 0, steps: int = 1):
+                 n_hidden: int = 64, seed: int = 0):
         super().__init__()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         self.net = torch.nn.Sequential(torch.nn.Linear(n_latent + n_groups, n_hidden),
                                        torch.nn.ReLU(), torch.nn.Linear(n_hidden, sum(n_categories)))
         torch.random.set_rng_state(generator_state)
-        self.n_categories, self.n_groups, self.steps = list(n_categories), n_groups, steps
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        self.n_categories, self.n_groups = list(n_categories), n_groups
 
-    def _logits(self, z: torch.Tensor, groups: torch.Tensor | None) -> list[torch.Tensor]:
+    def logits(self, z: torch.Tensor, groups: torch.Tensor | None = None,
+               detach_params: bool = False) -> list[torch.Tensor]:
+        """The classifier's logits per batch key (``detach_params``: through a detached copy
+        of its parameters)."""
         if self.n_groups:
             z = torch.cat([z, torch.nn.functional.one_hot(groups, self.n_groups).to(z.dtype)], 1)
-        return list(self.net(z).split(self.n_categories, dim=1))
+        if detach_params:
+            params = {k: v.detach() for k, v in self.net.named_parameters()}
+            out = torch.func.functional_call(self.net, params, (z,))
+        else:
+            out = self.net(z)
+        return list(out.split(self.n_categories, dim=1))
 
-    def update(self, z: torch.Tensor, covs: torch.Tensor, groups: torch.Tensor | None = None) -> float:
-        """One Adam step of the classifier on ``z`` (detached); returns its cross-entropy."""
-        self.train()
-        with torch.enable_grad():
-            for _ in range(self.steps):
-                logits = self._logits(z.detach().float(), groups)
-                loss = sum(torch.nn.functional.cross_entropy(lg, covs[:, j])
-                           for j, lg in enumerate(logits)) / len(logits)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-        return loss.detach()
+    def classifier_loss(self, z: torch.Tensor, covs: torch.Tensor,
+                        groups: torch.Tensor | None = None) -> torch.Tensor:
+        """The classifier's cross-entropy on ``z`` (detached), averaged over keys."""
+        logits = self.logits(z.detach(), groups)
+        return sum(torch.nn.functional.cross_entropy(lg, covs[:, j])
+                   for j, lg in enumerate(logits)) / len(logits)
 
     def penalty(self, z: torch.Tensor, covs: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
-        """The encoder's term (differentiable in ``z``; the classifier's gradients are
-        discarded by its next :meth:`update`): per key, the mean over cells of
+        """The encoder's term, differentiable in ``z`` only: per key, the mean over cells of
         ``KL(target || q(b | z))``, averaged over keys."""
         total = z.new_zeros(())
-        for j, lg in enumerate(self._logits(z, groups)):
+        for j, lg in enumerate(self.logits(z, groups, detach_params=True)):
             onehot = torch.nn.functional.one_hot(covs[:, j], self.n_categories[j]).to(z.dtype)
             target = _batch_targets(onehot, groups)
             log_q = torch.log_softmax(lg, dim=1)
-            kl_b = (target * (torch.log(target.clamp_min(1e-12)) - log_q)).sum(1)
-            total = total + kl_b.mean()
+            total = total + (target * (torch.log(target.clamp_min(1e-12)) - log_q)).sum(1).mean()
         return total / len(self.n_categories)
 
+    def forward(self, z: torch.Tensor, covs: torch.Tensor,
+                groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(classifier cross-entropy, encoder penalty)`` of a mini-batch's latent means."""
+        return self.classifier_loss(z, covs, groups), self.penalty(z, covs, groups)
 
 @dataclass(frozen=True)
 class LinearWarmup:
@@ -270,23 +278,30 @@ class ELBO:
             the batch: ``λ β batch_mmd(posterior means, batch codes)`` (:func:`batch_mmd`),
             annealed with the KL warm-up's β. ``0`` (default): the plain ELBO. Validation
             and the history report the ELBO without it.
-        adversary: with ``batch_penalty``, a :class:`BatchAdversary` whose
-            :meth:`~BatchAdversary.penalty` replaces :func:`batch_mmd` (``None``: the MMD).
+        penalty: ``"mmd"`` (:func:`batch_mmd`) or ``"adversary"``: the module's
+            ``batch_adversary`` (:class:`BatchAdversary`) gives the encoder's penalty, and
+            its classifier's cross-entropy is added to the loss (weight 1, from the first
+            step), so the one optimiser trains both.
     """
 
     beta: Callable[[int], float] | None = None
     prior: torch.nn.Module | None = None
     batch_penalty: float = 0.0
-    adversary: BatchAdversary | None = None
+    penalty: str = "mmd"
 
-    def penalty(self, qz, batch) -> torch.Tensor:
-        """The unweighted batch penalty of the latent means of a mini-batch."""
+    def __post_init__(self):
+        if self.penalty not in PENALTIES:
+            from .errors import InvalidInputError
+
+            raise InvalidInputError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+
+    def penalty_loss(self, module, qz, batch, beta: float) -> torch.Tensor:
+        """What the batch penalty adds to the loss of a mini-batch."""
         groups = batch.get("mmd_groups")
-        if self.adversary is None:
-            return batch_mmd(qz.mean, batch["covs"], groups=groups)
-        if torch.is_grad_enabled():  # a training step: the classifier learns first
-            self.adversary.update(qz.mean, batch["covs"], groups)
-        return self.adversary.penalty(qz.mean, batch["covs"], groups)
+        if self.penalty == "mmd":
+            return self.batch_penalty * beta * batch_mmd(qz.mean, batch["covs"], groups=groups)
+        classifier, encoder = module.batch_adversary(qz.mean, batch["covs"], groups)
+        return classifier + self.batch_penalty * beta * encoder
 
     def terms(self, module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p(x|z), KL)`` per cell, from one reparameterised sample."""
@@ -296,7 +311,7 @@ class ELBO:
         """``(loss, log p(x|z), KL)``: the scalar to minimise and its per-cell parts."""
         if self.batch_penalty and batch.get("covs") is not None:
             log_px, kl_z, qz = module.elbo_terms(batch, prior=self.prior, with_posterior=True)
-            penalty = self.batch_penalty * beta * self.penalty(qz, batch)
+            penalty = self.penalty_loss(module, qz, batch, beta)
         else:
             log_px, kl_z = self.terms(module, batch)
             penalty = 0.0
@@ -326,7 +341,7 @@ class IWAE(ELBO):
         bound = torch.logsumexp(log_px + beta * log_ratio, dim=0) - math.log(self.n_samples)
         loss = -bound.mean()
         if self.batch_penalty and batch.get("covs") is not None:
-            loss = loss + self.batch_penalty * beta * self.penalty(qz, batch)
+            loss = loss + self.penalty_loss(module, qz, batch, beta)
         hyper = (self.prior or module.prior).log_hyperprior(n_obs)
         if hyper is not None:
             loss = loss - hyper / n_obs

@@ -20,7 +20,7 @@ from ..decoders import DISPERSIONS, LIKELIHOODS, CountDecoder
 from ..device import DeviceData
 from ..errors import InvalidInputError, MissingKeyError
 from ..metrics import batch_separation
-from ..objectives import ELBO, BatchAdversary
+from ..objectives import ELBO, PENALTIES, BatchAdversary
 from ..posteriors import POSTERIORS
 from ..priors import StandardNormal
 from ..train import LARGE_DATA_CELLS, resolve_backward_precision, train
@@ -296,12 +296,13 @@ class NBVAE(Model):
             penalty: what measures the latent's dependence on the batch: ``"mmd"``
                 (default, :func:`cellvi.objectives.batch_mmd`) or ``"adversary"`` (a
                 classifier of the batch trained alongside, :class:`cellvi.objectives.BatchAdversary`;
-                with ``penalty_groups`` it also sees the cell's group).
+                with ``penalty_groups`` it also sees the cell's group, and a cell is only
+                pushed towards its group's mix of batches).
             **train_kwargs: further fields of :class:`cellvi.train.TrainConfig`
                 (``kl_warmup_steps``, ``patience``, ``validation_fraction``, ...).
         """
-        if penalty not in ("mmd", "adversary"):
-            raise InvalidInputError(f"penalty must be 'mmd' or 'adversary', got {penalty!r}")
+        if penalty not in PENALTIES:
+            raise InvalidInputError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
         separation = None
         if batch_penalty is None:
             batch_penalty, separation = self._default_batch_penalty(self._require_data())
@@ -312,10 +313,10 @@ class NBVAE(Model):
             data.obs["mmd_groups"] = torch.as_tensor(
                 self._penalty_groups(arrays, penalty_groups, seed), device=data.x.device)
         if penalty == "adversary" and objective.batch_penalty:
-            adversary = BatchAdversary(
+            objective = dataclasses.replace(objective, penalty=penalty)
+            self.module.batch_adversary = BatchAdversary(
                 self.settings["n_latent"], [len(self.categories[k]) for k in self.settings["batch_keys"]],
                 n_groups=penalty_groups, seed=seed).to(self.device)
-            objective = dataclasses.replace(objective, adversary=adversary)
         train_kwargs.setdefault("large_data_cells", LARGE_DATA_CELLS)
         config = self._train_config(seed=seed, verbose=verbose, max_epochs=max_epochs,
                                     batch_size=batch_size, lr=lr, kl_weight=kl_weight,
@@ -323,8 +324,12 @@ class NBVAE(Model):
         checkpoint = self._checkpointer(checkpoint_dir, checkpoint_every, resume, data, seed,
                                         config, objective=repr(objective),
                                         penalty_groups=penalty_groups)
-        self.history = train(self.module, data, config, objective=objective,
-                             callbacks=callbacks, checkpoint=checkpoint)
+        try:
+            self.history = train(self.module, data, config, objective=objective,
+                                 callbacks=callbacks, checkpoint=checkpoint)
+        finally:  # the classifier only serves training: the model keeps no trace of it
+            if hasattr(self.module, "batch_adversary"):
+                del self.module.batch_adversary
         self._finish_fit(max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
                          objective=repr(objective), batch_penalty=float(objective.batch_penalty),
