@@ -30,9 +30,11 @@ WORKER = textwrap.dedent('''
 
     callbacks = [KillAt(int(mode[4:]))] if mode.startswith("kill") else []
     kwargs = dict(checkpoint_dir=ckpt, resume=mode == "resume") if mode != "plain" else {}
-    if model_name == "nbvae":
+    if model_name.startswith("nbvae"):
         adata = cellvi.datasets.synthetic_counts(400, 40, n_groups=3, n_batches=2, seed=0)
         model = cellvi.models.NBVAE(adata, batch_key="batch", n_latent=4, n_hidden=16)
+        if model_name == "nbvae-adversary":  # the batch classifier's state is resumed too
+            kwargs.update(batch_penalty=50.0, penalty="adversary", penalty_groups=2)
         model.fit(max_epochs=12, patience=3, verbose=False, callbacks=callbacks, **kwargs)
         np.save(out, model.transform(adata).latent)
     else:
@@ -50,7 +52,7 @@ def _run(tmp_path, *args):
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("model, kill_at", [("nbvae", 5), ("gmvae", 6)])
+@pytest.mark.parametrize("model, kill_at", [("nbvae", 5), ("nbvae-adversary", 5), ("gmvae", 6)])
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, model, kill_at):
     """gmvae: killed at the 6th epoch overall, i.e. in the mixture phase after the
     3-epoch warm-up; the resumed fit replays the warm-up from its finished checkpoint."""

@@ -297,6 +297,43 @@ def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alon
     assert m.train_settings["penalty_groups"] == PENALTY_GROUPS == 8
 
 
+def test_adversarial_batch_penalty_keeps_a_missing_type_and_leaves_no_classifier(sim_adata, tmp_path):
+    import torch
+    from sklearn.metrics import silhouette_samples
+
+    import cellvi
+    from cellvi.objectives import batch_mmd
+
+    types = sim_adata.obs["group"].cat.codes.to_numpy()
+    batch = sim_adata.obs["batch"].cat.codes.to_numpy()
+    keep = ~((types == 2) & (batch == 1))  # type 2 missing from batch 1
+    ad, types, batch = sim_adata[keep].copy(), types[keep], batch[keep]
+    shared = types < 2
+    out = {}
+    for name, weight, groups in (("none", 0.0, None), ("grouped", 200.0, 3), ("plain", 200.0, 0)):
+        m = cellvi.models.NBVAE(ad, batch_key="batch", n_hidden=32)
+        m.fit(max_epochs=60, batch_penalty=weight, penalty_groups=groups, penalty="adversary",
+              kl_warmup_steps=20, verbose=False, seed=1)
+        z = m.get_latent(ad)
+        missing = float(silhouette_samples(z, types)[types == 2].mean())
+        within = float(batch_mmd(torch.as_tensor(z[shared]), torch.as_tensor(batch[shared])[:, None].long(),
+                                 groups=torch.as_tensor(types[shared]).long()))
+        out[name] = (missing, within)
+        # the classifier only served training
+        assert not hasattr(m.module, "batch_adversary")
+        assert m.train_settings["penalty"] == "adversary"
+    # the shared types' batches move together, the missing type keeps its own cluster
+    # (conditioned on the groups; without them it is pushed towards batch 1's cells)
+    assert out["grouped"][1] < 0.9 * out["none"][1]
+    assert out["grouped"][0] > out["plain"][0]
+    assert out["grouped"][0] > out["none"][0] - 0.02
+    m.save(tmp_path / "m")
+    again = cellvi.models.NBVAE.load(tmp_path / "m")
+    np.testing.assert_allclose(again.get_latent(ad), m.get_latent(ad), atol=1e-6)
+    with pytest.raises(cellvi.errors.InvalidInputError, match="penalty must be one of"):
+        cellvi.models.NBVAE(ad, batch_key="batch").fit(max_epochs=1, batch_penalty=1.0, penalty="hsic")
+
+
 def test_batch_log_ratios_match_dense_proportions_without_copying_the_counts():
     import tracemalloc
 
