@@ -438,13 +438,25 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _param_groups(module: nn.Module) -> list[dict]:
+    """The VAE's parameters; a batch classifier that trains alongside
+    (``module.batch_adversary``, :class:`cellvi.objectives.BatchAdversary`) gets its own
+    group, with Adam's usual ``eps`` and no weight decay (a plain classifier's optimiser)."""
+    adversary = getattr(module, "batch_adversary", None)
+    if adversary is None:
+        return [dict(params=list(module.parameters()))]
+    own = {id(p) for p in adversary.parameters()}
+    return [dict(params=[p for p in module.parameters() if id(p) not in own]),
+            dict(params=list(adversary.parameters()), eps=1e-8, weight_decay=0.0)]
+
+
 def _adam(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Adam:
     """Adam, fused into one kernel per step where this torch build supports it."""
     try:
-        return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay,
+        return torch.optim.Adam(_param_groups(module), lr=lr, weight_decay=weight_decay,
                                 eps=ADAM_EPS, fused=True)
     except (RuntimeError, TypeError):  # older torch or an unsupported device
-        return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, eps=ADAM_EPS)
+        return torch.optim.Adam(_param_groups(module), lr=lr, weight_decay=weight_decay, eps=ADAM_EPS)
 
 
 class _NonFinite(Exception):
