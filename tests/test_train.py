@@ -332,3 +332,20 @@ def test_an_epoch_of_a_large_set_is_a_uniform_random_subset_in_random_order():
     assert torch.equal(head, idx[torch.randperm(200)][:100])
     sub = data.shuffle(idx, 40)
     assert len(sub) == 40 and len(torch.unique(sub)) == 40 and bool(torch.isin(sub, idx).all())
+
+
+def test_a_batch_classifier_trains_in_its_own_adam_group():
+    import torch
+
+    from cellvi.objectives import BatchAdversary
+    from cellvi.train import ADAM_EPS, _adam
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    plain = _adam(module, 1e-3, 1e-6)
+    assert len(plain.param_groups) == 1 and plain.param_groups[0]["eps"] == ADAM_EPS
+    module.batch_adversary = BatchAdversary(3, [2])
+    opt = _adam(module, 1e-3, 1e-6)
+    vae, classifier = opt.param_groups
+    assert {id(p) for p in classifier["params"]} == {id(p) for p in module.batch_adversary.parameters()}
+    assert len(vae["params"]) == 2 and vae["eps"] == ADAM_EPS and vae["weight_decay"] == 1e-6
+    assert classifier["eps"] == 1e-8 and classifier["weight_decay"] == 0.0 and classifier["lr"] == 1e-3
