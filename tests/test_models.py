@@ -259,7 +259,10 @@ def test_batch_penalty_lowers_the_latents_batch_dependence(sim_adata):
         cellvi.models.NBVAE(ad, batch_key="batch").fit(max_epochs=1, batch_penalty=-1.0)
 
 
-def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alone(sim_adata):
+def _missing_type_fits(sim_adata, runs: dict):
+    """Type 2 removed from batch 1 of the simulator; for each run (name -> ``fit`` keywords):
+    ``(the missing type's silhouette, the shared types' within-type batch MMD)`` of the
+    latent. Returns those, the last model and its AnnData."""
     import torch
     from sklearn.metrics import silhouette_samples
 
@@ -268,20 +271,28 @@ def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alon
 
     types = sim_adata.obs["group"].cat.codes.to_numpy()
     batch = sim_adata.obs["batch"].cat.codes.to_numpy()
-    keep = ~((types == 2) & (batch == 1))  # type 2 missing from batch 1
+    keep = ~((types == 2) & (batch == 1))
     ad, types, batch = sim_adata[keep].copy(), types[keep], batch[keep]
     shared = types < 2
     out = {}
-    for name, weight, groups in (("none", 0.0, None), ("plain", 200.0, 0), ("grouped", 200.0, 3)):
+    for name, kwargs in runs.items():
         m = cellvi.models.NBVAE(ad, batch_key="batch", n_hidden=32)
-        m.fit(max_epochs=15, batch_penalty=weight, penalty_groups=groups, kl_warmup_steps=20,
-              verbose=False, seed=0)
+        m.fit(kl_warmup_steps=20, verbose=False, **kwargs)
         z = m.get_latent(ad)
         missing = float(silhouette_samples(z, types)[types == 2].mean())
         within = float(batch_mmd(torch.as_tensor(z[shared]), torch.as_tensor(batch[shared])[:, None].long(),
                                  groups=torch.as_tensor(types[shared]).long()))
         out[name] = (missing, within)
-        assert m.train_settings["penalty_groups"] == (groups if weight else 0)
+        assert m.train_settings["penalty_groups"] == (kwargs["penalty_groups"] if kwargs["batch_penalty"] else 0)
+    return out, m, ad
+
+
+def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alone(sim_adata):
+    import cellvi
+
+    out, _, ad = _missing_type_fits(sim_adata, {
+        name: dict(max_epochs=15, batch_penalty=weight, penalty_groups=groups, seed=0)
+        for name, weight, groups in (("none", 0.0, None), ("plain", 200.0, 0), ("grouped", 200.0, 3))})
     # the plain penalty pulls the missing type towards batch 1's cells; the grouped one does not
     assert out["plain"][0] < out["none"][0] - 0.1
     assert out["grouped"][0] > out["plain"][0] + 0.1
@@ -298,30 +309,13 @@ def test_grouped_batch_penalty_mixes_shared_types_and_leaves_a_missing_type_alon
 
 
 def test_adversarial_batch_penalty_keeps_a_missing_type_and_leaves_no_classifier(sim_adata, tmp_path):
-    import torch
-    from sklearn.metrics import silhouette_samples
-
     import cellvi
-    from cellvi.objectives import batch_mmd
 
-    types = sim_adata.obs["group"].cat.codes.to_numpy()
-    batch = sim_adata.obs["batch"].cat.codes.to_numpy()
-    keep = ~((types == 2) & (batch == 1))  # type 2 missing from batch 1
-    ad, types, batch = sim_adata[keep].copy(), types[keep], batch[keep]
-    shared = types < 2
-    out = {}
-    for name, weight, groups in (("none", 0.0, None), ("grouped", 200.0, 3), ("plain", 200.0, 0)):
-        m = cellvi.models.NBVAE(ad, batch_key="batch", n_hidden=32)
-        m.fit(max_epochs=60, batch_penalty=weight, penalty_groups=groups, penalty="adversary",
-              kl_warmup_steps=20, verbose=False, seed=1)
-        z = m.get_latent(ad)
-        missing = float(silhouette_samples(z, types)[types == 2].mean())
-        within = float(batch_mmd(torch.as_tensor(z[shared]), torch.as_tensor(batch[shared])[:, None].long(),
-                                 groups=torch.as_tensor(types[shared]).long()))
-        out[name] = (missing, within)
-        # the classifier only served training
-        assert not hasattr(m.module, "batch_adversary")
-        assert m.train_settings["penalty"] == "adversary"
+    out, m, ad = _missing_type_fits(sim_adata, {
+        name: dict(max_epochs=60, batch_penalty=weight, penalty_groups=groups, penalty="adversary", seed=1)
+        for name, weight, groups in (("none", 0.0, None), ("grouped", 200.0, 3), ("plain", 200.0, 0))})
+    # the classifier only served training
+    assert not hasattr(m.module, "batch_adversary") and m.train_settings["penalty"] == "adversary"
     # the shared types' batches move together, the missing type keeps its own cluster
     # (conditioned on the groups; without them it is pushed towards batch 1's cells)
     assert out["grouped"][1] < 0.9 * out["none"][1]
