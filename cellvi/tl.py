@@ -135,7 +135,7 @@ def nbvae(
         verbose: progress bar.
         **model_kwargs: network settings (``dispersion``, ``n_hidden``, ``n_layers``,
             ``dropout``, ``norm``, ``input_scale``, ``encode_batch``: :class:`cellvi.models.NBVAE`),
-            ``batch_penalty``, ``penalty_groups`` (:meth:`cellvi.models.NBVAE.fit`) and training
+            ``batch_penalty``, ``penalty_groups``, ``penalty`` (:meth:`cellvi.models.NBVAE.fit`) and training
             settings (``batch_size``, ``lr``,
             ``kl_warmup_steps``, ``kl_weight``, ``patience``, ``validation_fraction``,
             ``callbacks``, ...: the fields of :class:`cellvi.train.TrainConfig`).
