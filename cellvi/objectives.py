@@ -231,6 +231,7 @@ class BatchAdversary(torch.nn.Module):
         """``(classifier cross-entropy, encoder penalty)`` of a mini-batch's latent means."""
         return self.classifier_loss(z, covs, groups), self.penalty(z, covs, groups)
 
+
 @dataclass(frozen=True)
 class LinearWarmup:
     """β rises linearly from ``start`` to ``end`` over ``n_steps`` optimiser **steps**.

@@ -334,7 +334,7 @@ class NBVAE(Model):
                          kl_weight=kl_weight, seed=seed, device=str(self.device),
                          objective=repr(objective), batch_penalty=float(objective.batch_penalty),
                          batch_separation=separation, penalty_groups=penalty_groups,
-                         penalty=penalty,
+                         penalty=objective.penalty,
                          **{**train_kwargs, "backward_precision": resolve_backward_precision(
                              config.backward_precision, self.device)})
         return self
